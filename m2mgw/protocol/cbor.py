@@ -1,0 +1,179 @@
+"""
+Deterministic CBOR (RFC 8949 §4.2.1, "core deterministic encoding").
+
+MGP/1 requires every message and plaintext to be encoded deterministically:
+shortest integer, float and length forms, definite lengths, and map keys
+sorted by the bytewise lexicographic order of their encodings (not cbor2's
+length-first ``canonical`` order).  :func:`encode` produces exactly that;
+:func:`decode` accepts only input that :func:`encode` would produce for the
+decoded value, so a non-deterministic or trailing-garbage input is refused.
+
+Decoding uses ``cbor2`` and translates its exceptions to
+:class:`m2mgw.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import cbor2
+
+from m2mgw.errors import DecodeError
+
+__all__ = ["Tag", "decode", "encode"]
+
+Tag = cbor2.CBORTag
+
+#: Deepest nesting :func:`decode` accepts (MGP/1 structures need fewer than 8).
+MAX_DEPTH = 16
+
+
+def _head(major: int, value: int) -> bytes:
+    mt = major << 5
+    if value < 24:
+        return bytes((mt | value,))
+    if value < 0x100:
+        return bytes((mt | 24, value))
+    if value < 0x10000:
+        return bytes((mt | 25,)) + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return bytes((mt | 26,)) + value.to_bytes(4, "big")
+    if value < 0x10000000000000000:
+        return bytes((mt | 27,)) + value.to_bytes(8, "big")
+    raise ValueError("integer too large for a CBOR head")
+
+
+def _float(value: float) -> bytes:
+    if math.isnan(value):
+        return b"\xf9\x7e\x00"
+    for code, fmt in ((0xF9, ">e"), (0xFA, ">f")):
+        try:
+            packed = struct.pack(fmt, value)
+        except OverflowError:
+            continue
+        if struct.unpack(fmt, packed)[0] == value:
+            return bytes((code,)) + packed
+    return b"\xfb" + struct.pack(">d", value)
+
+
+def _encode(value: Any, out: list[bytes]) -> None:
+    if value is False:
+        out.append(b"\xf4")
+    elif value is True:
+        out.append(b"\xf5")
+    elif value is None:
+        out.append(b"\xf6")
+    elif isinstance(value, int):
+        if value >= 0:
+            if value >= 1 << 64:
+                big = value.to_bytes((value.bit_length() + 7) // 8, "big")
+                out.append(b"\xc2")
+                out.append(_head(2, len(big)) + big)
+            else:
+                out.append(_head(0, value))
+        else:
+            n = -1 - value
+            if n >= 1 << 64:
+                big = n.to_bytes((n.bit_length() + 7) // 8, "big")
+                out.append(b"\xc3")
+                out.append(_head(2, len(big)) + big)
+            else:
+                out.append(_head(1, n))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        out.append(_head(2, len(raw)))
+        out.append(raw)
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+        out.append(_head(3, len(raw)))
+        out.append(raw)
+    elif isinstance(value, float):
+        out.append(_float(value))
+    elif isinstance(value, (list, tuple)):
+        out.append(_head(4, len(value)))
+        for item in value:
+            _encode(item, out)
+    elif isinstance(value, Mapping):
+        items = sorted(((encode(k), v) for k, v in value.items()), key=lambda kv: kv[0])
+        for (a, _), (b, _) in itertools.pairwise(items):
+            if a == b:
+                raise ValueError("duplicate map key")
+        out.append(_head(5, len(items)))
+        for key, item in items:
+            out.append(key)
+            _encode(item, out)
+    elif isinstance(value, cbor2.CBORTag):
+        out.append(_head(6, value.tag))
+        _encode(value.value, out)
+    elif isinstance(value, cbor2.CBORSimpleValue):
+        number = value.value
+        out.append(bytes((0xE0 | number,)) if number < 24 else bytes((0xF8, number)))
+    elif value is cbor2.undefined:
+        out.append(b"\xf7")
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__} as CBOR")
+
+
+def encode(value: Any) -> bytes:
+    """
+    Encode ``value`` deterministically.
+
+    Accepts ``None``, ``bool``, ``int``, ``float``, ``bytes``, ``str``,
+    lists/tuples, mappings, :class:`Tag` and ``cbor2`` simple values.
+
+    :raise TypeError: an unsupported type.
+    :raise ValueError: a mapping has two keys with the same encoding.
+    """
+    out: list[bytes] = []
+    _encode(value, out)
+    return b"".join(out)
+
+
+def _depth(value: Any, limit: int) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise DecodeError("CBOR nesting too deep")
+        if isinstance(item, (list, tuple)):
+            stack.extend((x, depth + 1) for x in item)
+        elif isinstance(item, dict):
+            stack.extend((x, depth + 1) for x in item.values())
+            stack.extend((x, depth + 1) for x in item)
+        elif isinstance(item, cbor2.CBORTag):
+            stack.append((item.value, depth + 1))
+
+
+def decode(data: bytes, *, check_deterministic: bool = True) -> Any:
+    """
+    Decode one CBOR item that spans all of ``data``.
+
+    Arrays decode to ``list``, maps to ``dict`` (unhashable keys are refused),
+    tags to :class:`Tag`.
+
+    :raise m2mgw.errors.DecodeError: malformed, trailing bytes, nested deeper
+        than :data:`MAX_DEPTH`, or (with ``check_deterministic``) not in
+        deterministic encoding.
+    """
+    stream = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(stream, str_errors="strict")
+        value = decoder.decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, OverflowError) as e:
+        raise DecodeError(f"malformed CBOR: {e.__class__.__name__}") from None
+    if stream.tell() != len(data):
+        raise DecodeError("trailing bytes after the CBOR item")
+    _depth(value, MAX_DEPTH)
+    if check_deterministic:
+        try:
+            again = encode(value)
+        except (TypeError, ValueError) as e:
+            raise DecodeError(f"CBOR not re-encodable: {e}") from None
+        if again != data:
+            raise DecodeError("CBOR is not deterministically encoded")
+    return value
