@@ -51,7 +51,7 @@ class ICipherSuite(Interface):
         "True if HELLO authentication method 3 (static-static ECDH) is offered."
     )
     signature_len = Attribute(
-        "Length in bytes of a signature by a key of this suite (RSA: of the modulus size used by the server key)."
+        "Signature length in bytes (RSA: that of the server key's modulus)."
     )
 
     # -- server key pairs ----------------------------------------------------
