@@ -50,9 +50,7 @@ class ICipherSuite(Interface):
     supports_sdh = Attribute(
         "True if HELLO authentication method 3 (static-static ECDH) is offered."
     )
-    signature_len = Attribute(
-        "Signature length in bytes (RSA: that of the server key's modulus)."
-    )
+    signature_len = Attribute("Signature length in bytes (RSA: that of the server key's modulus).")
 
     # -- server key pairs ----------------------------------------------------
 
@@ -422,13 +420,14 @@ class IModuleStoreFactory(Interface):
     name = Attribute("Configuration name, e.g. ``'sqlite'``; unique among stores.")
     options = Attribute("Mapping of the option names this store accepts to one-line descriptions.")
 
-    def create(options: Mapping[str, str], data_dir: str) -> IModuleStore:
+    def create(options: Mapping[str, str], data_dir: str, reactor: Any) -> IModuleStore:
         """
         Make an (unopened) store.
 
         :param options: the ``[store.NAME]`` section, keys already checked
             against :attr:`options`.
         :param data_dir: the gateway's data directory, for relative paths.
+        :param reactor: the reactor whose thread the Deferreds fire in.
         :raise m2mgw.errors.ConfigError: a value is unusable.
         """
 
