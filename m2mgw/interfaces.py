@@ -123,8 +123,10 @@ class ICipherSuite(Interface):
         """
         Create a module key pair of this suite (ECDSA key of the suite's curve,
         Ed25519 for ``x25519``, RSA-2048 for ``rsa``).  With ``random`` the key
-        is derived from 40 bytes drawn from it (EC: ``d = m mod (n-1) + 1``;
-        Ed25519: 32 bytes as the seed); RSA keys always use the system source.
+        is derived from one draw (EC: field size + 8 bytes, 40 for P-256 and
+        56 for P-384, ``d = m mod (n-1) + 1``; Ed25519: 32 bytes as the seed);
+        RSA keys always use the system source (``rsa`` draws and discards 32
+        bytes so that later draws line up with the vectors' ``key_material``).
         """
 
     def load_signing_key(data: bytes) -> Any:
