@@ -149,6 +149,34 @@ def _depth(value: Any, limit: int) -> None:
             stack.append((item.value, depth + 1))
 
 
+def _opaque_tag(number: int) -> Any:
+    def keep(value: Any, immutable: bool) -> Any:
+        return cbor2.CBORTag(number, value)
+
+    return keep
+
+
+#: The tags ``cbor2`` would turn into Python objects (dates, decimals, sets,
+#: shared references, ...).  MGP/1 passes every tag in ``data`` on unchanged
+#: (§2), and those objects would not re-encode, so they stay :class:`Tag`.
+#: Bignums (tags 2 and 3) keep decoding to ``int``: the determinism check
+#: then refuses a bignum that fits a plain integer (RFC 8949 §3.4.3).
+_OPAQUE_TAGS: tuple[int, ...] = (0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256)
+_OPAQUE_TAGS += (258, 260, 261, 1004, 43000, 55799)
+
+
+def _decoder_options() -> dict[str, Any]:
+    keep = {number: _opaque_tag(number) for number in _OPAQUE_TAGS}
+    try:
+        cbor2.CBORDecoder(io.BytesIO(b""), semantic_decoders=keep)
+    except TypeError:  # cbor2 < 6: tags it knows are decoded and then refused
+        return {}
+    return {"semantic_decoders": keep}
+
+
+_DECODER_OPTIONS = _decoder_options()
+
+
 def decode(data: bytes, *, check_deterministic: bool = True) -> Any:
     """
     Decode one CBOR item that spans all of ``data``.
@@ -162,7 +190,7 @@ def decode(data: bytes, *, check_deterministic: bool = True) -> Any:
     """
     stream = io.BytesIO(data)
     try:
-        decoder = cbor2.CBORDecoder(stream, str_errors="strict")
+        decoder = cbor2.CBORDecoder(stream, str_errors="strict", **_DECODER_OPTIONS)
         value = decoder.decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, OverflowError) as e:
         raise DecodeError(f"malformed CBOR: {e.__class__.__name__}") from None
