@@ -1,0 +1,554 @@
+"""
+The gateway's configuration: an INI file turned into frozen, validated objects.
+
+:func:`load_config` reads ``etc/m2mgw.conf`` (or the file given), applies the
+command line's overrides and checks every value: unknown sections and keys,
+malformed numbers, ports and addresses, and names of cipher suites, stores and
+instruction sources that match no installed plugin all raise
+:class:`m2mgw.errors.ConfigError` with one line a person can act on.  Nothing
+here opens a socket, a database or a key file; :mod:`m2mgw.tap` turns the
+result into services.
+
+Sections (``etc/m2mgw.conf`` documents every key)::
+
+    [gateway]        data_dir, node_name, suites
+    [modules]        address, port, max_datagram          (UDP, MGP/1)
+    [apps]           address, port, key_type, rsa_bits,   (mutual TLS, JSON lines)
+                     idle_timeout, max_line
+    [store]          backend
+    [store.NAME]     the options of store plugin NAME
+    [protocol]       MGP/1 policy
+    [jobs]           expiry_interval, housekeeping_interval
+    [source.NAME]    enables instruction source plugin NAME, with its options
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from m2mgw import registry
+from m2mgw.errors import ConfigError
+from m2mgw.interfaces import ICipherSuite, IInstructionSourceFactory, IModuleStoreFactory
+from m2mgw.modules.udp import MAX_RECEIVED_DATAGRAM
+from m2mgw.tls import TLS_KEY_TYPES
+
+#: The file :func:`load_config` reads when no path is given, if it exists
+#: (relative to the current directory).
+DEFAULT_CONFIG_PATH = "etc/m2mgw.conf"
+
+#: The cipher suites every gateway offers unless configured otherwise (MGP/1 §3).
+DEFAULT_SUITES: tuple[str, ...] = ("p256", "p256-ccm8", "p384", "x25519", "rsa")
+
+#: ``ProtocolPolicy.alias_mode`` values: an alias is accepted as a HELLO hint
+#: until the next one replaces it, or only once.
+ALIAS_MODES: tuple[str, ...] = ("until-replaced", "once")
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _default_node_name() -> str:
+    """The host name, which names this node in logs and in a shared store."""
+    return socket.gethostname() or "m2mgw"
+
+
+@dataclass(frozen=True)
+class ModuleListenerConfig:
+    """
+    The UDP listener modules talk MGP/1 to (``[modules]``).
+
+    :ivar address: the IP address to bind (``""``: every interface).
+    :ivar port: the UDP port (0: any free port, for tests).
+    :ivar max_datagram: the largest datagram the gateway sends (MGP/1 §1).
+    """
+
+    address: str = ""
+    port: int = 5740
+    max_datagram: int = 1232
+
+
+@dataclass(frozen=True)
+class AppListenerConfig:
+    """
+    The mutual-TLS listener application servers connect to (``[apps]``).
+
+    :ivar key_type: the type of the gateway's TLS key, created on first start
+        (one of :data:`m2mgw.tls.TLS_KEY_TYPES`: ``rsa`` or ``ec``).
+    :ivar rsa_bits: its size when it is an RSA key.
+    :ivar idle_timeout: seconds of silence after which a connection is
+        closed (0: never).
+    :ivar max_line: the longest request line accepted, in bytes.
+    """
+
+    address: str = ""
+    port: int = 5741
+    key_type: str = "rsa"
+    rsa_bits: int = 3072
+    idle_timeout: int = 300
+    max_line: int = 65536
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """
+    The module database (``[store]`` and ``[store.BACKEND]``).
+
+    :ivar backend: the name of an :class:`~m2mgw.interfaces.IModuleStoreFactory` plugin.
+    :ivar options: the ``[store.BACKEND]`` section, keys checked against the plugin.
+    """
+
+    backend: str = "sqlite"
+    options: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True)
+class ProtocolPolicy:
+    """
+    MGP/1 policy (``[protocol]``); the spec names each default.
+
+    :ivar sid_bytes: session identifier length, 4-8 (MGP/1 §6).
+    :ivar session_lifetime: seconds a session lives after its HELLO.
+    :ivar replay_window: how many recent DATA counters are remembered (MGP/1 §8).
+    :ivar sign_replies: sign HELLO_REPLY with the server key.
+    :ivar aliases: issue a transitory alias in every HELLO_REPLY (MGP/1 §7).
+    :ivar alias_mode: ``"until-replaced"`` or ``"once"``.
+    :ivar max_attempts: replies an instruction rides in before it is ``failed``.
+    :ivar retransmit_seconds: how long an exact duplicate datagram is answered
+        from the retransmission cache (MGP/1 §1, §8.4).
+    :ivar psk_single_use: refuse PSK authentication once a module key is active.
+    :ivar time_in_data_reply: put the gateway's time in every DATA_REPLY.
+    :ivar default_suite: the suite offered to modules that do not choose.
+    """
+
+    sid_bytes: int = 6
+    session_lifetime: int = 86400
+    replay_window: int = 64
+    sign_replies: bool = True
+    aliases: bool = True
+    alias_mode: str = "until-replaced"
+    max_attempts: int = 8
+    retransmit_seconds: int = 60
+    psk_single_use: bool = True
+    time_in_data_reply: bool = False
+    default_suite: str = "p256"
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """
+    Periodic jobs (``[jobs]``), intervals in seconds.
+
+    :ivar expiry_interval: how often expired sessions, aliases, instructions
+        and keys are swept (:meth:`~m2mgw.interfaces.IModuleStore.expire`).
+    :ivar housekeeping_interval: how often the gateway logs its counters.
+    """
+
+    expiry_interval: float = 60.0
+    housekeeping_interval: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """
+    One enabled instruction source (a ``[source.NAME]`` section).
+
+    :ivar name: the name of an :class:`~m2mgw.interfaces.IInstructionSourceFactory` plugin.
+    :ivar options: the section's keys, checked against the plugin.
+    """
+
+    name: str
+    options: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """
+    Everything the gateway is configured with.
+
+    :ivar data_dir: the data directory (keys and the SQLite database); an
+        absolute path once :func:`load_config` made it.
+    :ivar node_name: this node's name (default: the host name).
+    :ivar suites: the cipher suites served, each with its own server key.
+    :ivar sources: the enabled instruction sources, in file order.
+    :ivar config_file: the file the configuration was read from, if any.
+    """
+
+    data_dir: str = "var/m2mgw"
+    node_name: str = field(default_factory=_default_node_name)
+    suites: tuple[str, ...] = DEFAULT_SUITES
+    modules: ModuleListenerConfig = field(default_factory=ModuleListenerConfig)
+    apps: AppListenerConfig = field(default_factory=AppListenerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    protocol: ProtocolPolicy = field(default_factory=ProtocolPolicy)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    config_file: str | None = None
+
+
+# --- value parsers: each takes the raw string, returns the value or raises ValueError ---
+
+
+def _parse_int(low: int, high: int) -> Callable[[str], int]:
+    """A parser of decimal integers in ``[low, high]``."""
+
+    def parse(raw: str) -> int:
+        text = raw.strip()
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise ValueError("not an integer")
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"not between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _parse_port(raw: str) -> int:
+    """A port number; 0 asks the system for any free port."""
+    try:
+        return _parse_int(0, 65535)(raw)
+    except ValueError:
+        raise ValueError("not a port number (1-65535, or 0 for any free port)") from None
+
+
+def _parse_interval(raw: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+_BOOLEANS = {
+    "1": True,
+    "yes": True,
+    "true": True,
+    "on": True,
+    "0": False,
+    "no": False,
+    "false": False,
+    "off": False,
+}
+
+
+def _parse_bool(raw: str) -> bool:
+    """``yes/no``, ``true/false``, ``on/off`` or ``1/0``."""
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError("not a boolean (yes/no, true/false, on/off, 1/0)") from None
+
+
+def _parse_address(raw: str) -> str:
+    """An IPv4 or IPv6 address literal, or empty for every interface."""
+    text = raw.strip()
+    if not text:
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("not an IP address (leave it empty for every interface)") from None
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser accepting one of ``choices``."""
+
+    def parse(raw: str) -> str:
+        text = raw.strip()
+        if text not in choices:
+            raise ValueError(f"not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _parse_node_name(raw: str) -> str:
+    """A host-name-like node name: letters, digits, ``.``, ``_`` and ``-``."""
+    text = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", text):
+        raise ValueError("must be 1-253 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def _parse_path(raw: str) -> str:
+    """A non-empty path; ``~`` is expanded and a relative path is made absolute."""
+    text = raw.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _parse_names(raw: str) -> tuple[str, ...]:
+    """A comma- or space-separated list of distinct names."""
+    names = tuple(part for part in re.split(r"[\s,]+", raw.strip()) if part)
+    if not names:
+        raise ValueError("must name at least one")
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"{name!r} is listed twice")
+    return names
+
+
+def _parse_str(raw: str) -> str:
+    """Any string, stripped."""
+    return raw.strip()
+
+
+#: For each fixed section: key -> parser.  Keys equal the dataclass field names.
+_SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
+    "gateway": {
+        "data_dir": _parse_path,
+        "node_name": _parse_node_name,
+        "suites": _parse_names,
+    },
+    "modules": {
+        "address": _parse_address,
+        "port": _parse_port,
+        "max_datagram": _parse_int(256, MAX_RECEIVED_DATAGRAM),
+    },
+    "apps": {
+        "address": _parse_address,
+        "port": _parse_port,
+        "key_type": _parse_choice(TLS_KEY_TYPES),
+        "rsa_bits": _parse_int(2048, 8192),
+        "idle_timeout": _parse_int(0, 7 * 86400),
+        "max_line": _parse_int(1024, 16 * 1024 * 1024),
+    },
+    "store": {"backend": _parse_str},
+    "protocol": {
+        "sid_bytes": _parse_int(4, 8),
+        "session_lifetime": _parse_int(60, 366 * 86400),
+        "replay_window": _parse_int(1, 1024),
+        "sign_replies": _parse_bool,
+        "aliases": _parse_bool,
+        "alias_mode": _parse_choice(ALIAS_MODES),
+        "max_attempts": _parse_int(1, 1000),
+        "retransmit_seconds": _parse_int(0, 3600),
+        "psk_single_use": _parse_bool,
+        "time_in_data_reply": _parse_bool,
+        "default_suite": _parse_str,
+    },
+    "jobs": {
+        "expiry_interval": _parse_interval,
+        "housekeeping_interval": _parse_interval,
+    },
+}
+
+#: Sections named ``PREFIX.NAME``, one per plugin.
+_PLUGIN_SECTION_PREFIXES = ("store", "source")
+
+
+class _Settings:
+    """
+    The raw configuration values, remembering where each came from, so an
+    error message can point at the file or at the command line.
+    """
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        #: section -> key -> (raw value, where it came from); sections in file order
+        self.sections: dict[str, dict[str, tuple[str, str]]] = {}
+        #: section -> where it was first seen
+        self.section_origins: dict[str, str] = {}
+
+    def add_section(self, section: str, where: str) -> None:
+        """Record that a section exists (it may have no keys)."""
+        self.sections.setdefault(section, {})
+        self.section_origins.setdefault(section, where)
+
+    def set(self, section: str, key: str, value: str, where: str) -> None:
+        """Record a value (a later one replaces an earlier one)."""
+        self.add_section(section, where)
+        self.sections[section][key] = (value, where)
+
+    def error(self, section: str, key: str, problem: str) -> ConfigError:
+        """A one-line error about one key."""
+        raw, where = self.sections[section][key]
+        return ConfigError(f"{where}: [{section}] {key} = {raw!r}: {problem}")
+
+    def parsed(self, section: str) -> dict[str, Any]:
+        """The keys of a fixed section, parsed; unknown keys are errors."""
+        parsers = _SECTIONS[section]
+        values: dict[str, Any] = {}
+        for key, (raw, where) in self.sections.get(section, {}).items():
+            parser = parsers.get(key)
+            if parser is None:
+                known = ", ".join(sorted(parsers))
+                raise ConfigError(f"{where}: unknown key {key!r} in [{section}] (known: {known})")
+            try:
+                values[key] = parser(raw)
+            except ValueError as e:
+                raise self.error(section, key, str(e)) from None
+        return values
+
+    def plugin_options(self, section: str, accepted: Mapping[str, str]) -> Mapping[str, str]:
+        """The keys of a plugin's section, checked against the plugin's ``options``."""
+        options: dict[str, str] = {}
+        for key, (raw, where) in self.sections.get(section, {}).items():
+            if key not in accepted:
+                known = ", ".join(sorted(accepted)) or "none"
+                raise ConfigError(f"{where}: unknown key {key!r} in [{section}] (known: {known})")
+            options[key] = raw.strip()
+        return MappingProxyType(options)
+
+
+def _one_line(text: str) -> str:
+    """Collapse a possibly multi-line message into one line."""
+    return " ".join(text.split())
+
+
+def _read_file(settings: _Settings, path: str) -> None:
+    """
+    Read an INI file into ``settings``.
+
+    :raise m2mgw.errors.ConfigError: the file cannot be read or parsed.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text") from None
+    # No DEFAULT section magic and no interpolation: a value means what it says.
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="\x00no-default-section", strict=True
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError(f"cannot parse config file {path}: {_one_line(str(e))}") from None
+    for section in parser.sections():
+        settings.add_section(section, path)
+        for key, value in parser.items(section, raw=True):
+            settings.set(section, key, value, path)
+
+
+def _apply_overrides(settings: _Settings, overrides: Mapping[str, str]) -> None:
+    """
+    Apply ``{"section.key": value}`` overrides (``store.sqlite.path`` names
+    key ``path`` of ``[store.sqlite]``).
+
+    :raise m2mgw.errors.ConfigError: a name has no section part.
+    """
+    for name, value in overrides.items():
+        section, dot, key = name.rpartition(".")
+        if not dot or not section or not key:
+            raise ConfigError(f"command line: {name!r} is not a SECTION.KEY setting")
+        settings.set(section, key.lower(), value, "command line")
+
+
+def _check_sections(settings: _Settings) -> None:
+    """:raise m2mgw.errors.ConfigError: a section is not known."""
+    for section in settings.sections:
+        if section in _SECTIONS:
+            continue
+        prefix, dot, name = section.partition(".")
+        if dot and name and prefix in _PLUGIN_SECTION_PREFIXES:
+            continue
+        where = settings.section_origins[section]
+        known = ", ".join([*_SECTIONS, "store.NAME", "source.NAME"])
+        raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
+
+
+def _lookup(where: str, interface: Any, name: str) -> Any:
+    """
+    Find the plugin providing ``interface`` named ``name``.
+
+    :param where: what named it, for the error message (``"etc/m2mgw.conf: [store] backend"``).
+    :raise m2mgw.errors.ConfigError: none has that name; the known ones are listed.
+    """
+    try:
+        return registry.lookup(interface, name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _key_origin(settings: _Settings, section: str, key: str, default: object) -> str:
+    """``"FILE: [section] key"``, or ``"[section] key (default ...)"`` if it was not set."""
+    if key in settings.sections.get(section, {}):
+        return f"{settings.sections[section][key][1]}: [{section}] {key}"
+    return f"built-in default: [{section}] {key} = {default!r}"
+
+
+def _build(settings: _Settings) -> GatewayConfig:
+    """Turn checked settings into a :class:`GatewayConfig`."""
+    _check_sections(settings)
+    gateway = settings.parsed("gateway")
+    config = GatewayConfig(
+        **{k: v for k, v in gateway.items() if k != "data_dir"},
+        data_dir=gateway.get("data_dir", _parse_path(GatewayConfig.data_dir)),
+        modules=ModuleListenerConfig(**settings.parsed("modules")),
+        apps=AppListenerConfig(**settings.parsed("apps")),
+        protocol=ProtocolPolicy(**settings.parsed("protocol")),
+        jobs=JobsConfig(**settings.parsed("jobs")),
+        config_file=settings.origin if settings.origin != "defaults" else None,
+    )
+
+    suites_origin = _key_origin(settings, "gateway", "suites", ", ".join(config.suites))
+    for suite in config.suites:
+        _lookup(suites_origin, ICipherSuite, suite)
+    if config.protocol.default_suite not in config.suites:
+        origin = _key_origin(settings, "protocol", "default_suite", config.protocol.default_suite)
+        raise ConfigError(
+            f"{origin}: {config.protocol.default_suite!r} is not one of the configured"
+            f" suites ({', '.join(config.suites)})"
+        )
+
+    backend = settings.parsed("store").get("backend", StoreConfig.backend)
+    store_options: Mapping[str, str] = _EMPTY
+    sources: list[SourceConfig] = []
+    for section in settings.sections:
+        prefix, dot, name = section.partition(".")
+        if not dot:
+            continue
+        where = f"{settings.section_origins[section]}: [{section}]"
+        if prefix == "store":
+            factory = _lookup(where, IModuleStoreFactory, name)
+            options = settings.plugin_options(section, factory.options)
+            if name == backend:
+                store_options = options
+        elif prefix == "source":
+            factory = _lookup(where, IInstructionSourceFactory, name)
+            sources.append(SourceConfig(name, settings.plugin_options(section, factory.options)))
+    _lookup(_key_origin(settings, "store", "backend", backend), IModuleStoreFactory, backend)
+
+    return dataclasses.replace(
+        config,
+        store=StoreConfig(backend=backend, options=store_options),
+        sources=tuple(sources),
+    )
+
+
+def load_config(path: str | None, overrides: Mapping[str, str] = _EMPTY) -> GatewayConfig:
+    """
+    Read, override and validate the gateway's configuration.
+
+    :param path: the INI file; ``None`` reads :data:`DEFAULT_CONFIG_PATH` if it
+        exists and otherwise uses the built-in defaults.
+    :param overrides: ``{"section.key": value}`` settings that win over the
+        file (the command line's options), e.g. ``{"modules.port": "5750"}``.
+    :return: the validated configuration; ``data_dir`` is absolute (a relative
+        one is relative to the current directory).
+    :raise m2mgw.errors.ConfigError: with one line naming the file or the
+        command line, the section and key, and what is wrong.
+    """
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    settings = _Settings(path if path is not None else "defaults")
+    if path is not None:
+        _read_file(settings, path)
+    _apply_overrides(settings, overrides)
+    return _build(settings)
