@@ -127,6 +127,9 @@ class ProtocolPolicy:
     :ivar psk_single_use: refuse PSK authentication once a module key is active.
     :ivar time_in_data_reply: put the gateway's time in every DATA_REPLY.
     :ivar default_suite: the suite offered to modules that do not choose.
+    :ivar key_ttl: lifetime in seconds of a module key registered without
+        Params (unsolicited) and the ``ttl`` of the gateway's default Params.
+    :ivar alias_lifetime: seconds an unused alias stays valid.
     """
 
     sid_bytes: int = 6
@@ -140,6 +143,8 @@ class ProtocolPolicy:
     psk_single_use: bool = True
     time_in_data_reply: bool = False
     default_suite: str = "p256"
+    key_ttl: int = 365 * 86400
+    alias_lifetime: int = 30 * 86400
 
 
 @dataclass(frozen=True)
@@ -150,10 +155,13 @@ class JobsConfig:
     :ivar expiry_interval: how often expired sessions, aliases, instructions
         and keys are swept (:meth:`~m2mgw.interfaces.IModuleStore.expire`).
     :ivar housekeeping_interval: how often the gateway logs its counters.
+    :ivar security_interval: how often the counted drops are written to the
+        store as aggregated security events (MGP/1 §11).
     """
 
     expiry_interval: float = 60.0
     housekeeping_interval: float = 3600.0
+    security_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -339,10 +347,13 @@ _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "psk_single_use": _parse_bool,
         "time_in_data_reply": _parse_bool,
         "default_suite": _parse_str,
+        "key_ttl": _parse_int(3600, 20 * 366 * 86400),
+        "alias_lifetime": _parse_int(60, 366 * 86400),
     },
     "jobs": {
         "expiry_interval": _parse_interval,
         "housekeeping_interval": _parse_interval,
+        "security_interval": _parse_interval,
     },
 }
 

@@ -35,8 +35,14 @@ from m2mgw.apps.listener import AppFactory, Dispatcher
 from m2mgw.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
 from m2mgw.datadir import DataDir
 from m2mgw.errors import ConfigError
-from m2mgw.interfaces import IInstructionSourceFactory, IModuleStore, IModuleStoreFactory
-from m2mgw.modules.udp import DatagramHandler, ModuleDatagramProtocol, SilentHandler
+from m2mgw.interfaces import (
+    ICipherSuite,
+    IInstructionSourceFactory,
+    IModuleStore,
+    IModuleStoreFactory,
+)
+from m2mgw.modules.udp import ModuleDatagramProtocol
+from m2mgw.protocol.engine import ModuleController
 from m2mgw.service import (
     AppListenerService,
     GatewayService,
@@ -108,19 +114,37 @@ class Options(usage.Options):
 
 def _module_handler(
     config: GatewayConfig, store: IModuleStore, datadir: DataDir, reactor: Any
-) -> DatagramHandler:
+) -> ModuleController:
     """
-    The handler the UDP listener hands datagrams to.
-
-    Until the MGP/1 engine is wired in, this is a :class:`SilentHandler`: every
-    datagram is dropped without an answer, and counted.
+    The MGP/1 module controller the UDP listener hands datagrams to.
 
     :param config: the gateway configuration (protocol policy, suites).
     :param store: the module store (opened before the first datagram is handled).
     :param datadir: the data directory (server keys).
-    :param reactor: the reactor (clock, threads).
+    :param reactor: the reactor (its clock).
+    :raise m2mgw.errors.ConfigError: a configured suite is unknown or a server key unreadable.
     """
-    return SilentHandler()
+    suites = {name: registry.lookup(ICipherSuite, name) for name in config.suites}
+    return ModuleController(
+        store,
+        suites,
+        datadir.server_keys(config.suites),
+        config.protocol,
+        now=reactor.seconds,
+        max_datagram=config.modules.max_datagram,
+    )
+
+
+def _security_events(store: IModuleStore, controller: ModuleController, clock: Any) -> Any:
+    """The job writing the counted drops to the store as security events (MGP/1 §11)."""
+
+    def flush() -> Any:
+        events = controller.drops.drain(int(clock.seconds()))
+        if not events:
+            return None
+        return store.record_security_events(events)
+
+    return flush
 
 
 def _stop_reactor(reactor: Any) -> Any:
@@ -220,6 +244,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         store_factory = registry.lookup(IModuleStoreFactory, config.store.backend)
         store: IModuleStore = store_factory.create(config.store.options, datadir.path, reactor)
         tls_options = app_server_tls_options(datadir)
+        controller = _module_handler(config, store, datadir, reactor)
         sources = [
             registry.lookup(IInstructionSourceFactory, source.name).create(
                 source.options, datadir.path, reactor
@@ -233,10 +258,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     StoreService(store, server_keys).setServiceParent(root)
 
-    protocol = ModuleDatagramProtocol(
-        _module_handler(config, store, datadir, reactor),
-        max_reply=config.modules.max_datagram,
-    )
+    protocol = ModuleDatagramProtocol(controller, max_reply=config.modules.max_datagram)
     ModuleListenerService(
         config.modules.port, protocol, config.modules.address, reactor
     ).setServiceParent(root)
@@ -267,6 +289,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         "housekeeping",
         config.jobs.housekeeping_interval,
         _housekeeping(store, protocol, apps),
+        reactor,
+    ).setServiceParent(jobs)
+    PeriodicJob(
+        "security",
+        config.jobs.security_interval,
+        _security_events(store, controller, reactor),
         reactor,
     ).setServiceParent(jobs)
     jobs.setServiceParent(root)

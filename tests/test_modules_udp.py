@@ -1,4 +1,4 @@
-"""Tests for m2mgw.modules.udp: the thin datagram protocol and the silent handler."""
+"""Tests for m2mgw.modules.udp: the thin datagram protocol ."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from m2mgw.modules.udp import (
     DEFAULT_MAX_REPLY,
     MAX_RECEIVED_DATAGRAM,
     ModuleDatagramProtocol,
-    SilentHandler,
 )
 from tests.doubles import RecordingHandler, fired
 
@@ -164,16 +163,3 @@ def test_drain_with_nothing_in_flight_fires_at_once() -> None:
     protocol, _ = connected(RecordingHandler())
     protocol.datagramReceived(b"a", ADDR)
     assert fired(protocol.drain())
-
-
-def test_silent_handler_answers_nothing_and_counts() -> None:
-    handler = SilentHandler()
-    protocol, transport = connected(handler)
-    for i in range(3):
-        protocol.datagramReceived(bytes([i]) * 10, ADDR)
-    assert transport.written == []
-    assert handler.dropped == 3
-    assert protocol.counters.unanswered == 3
-    result: list[object] = []
-    handler.handle(b"x", ADDR).addCallback(result.append)
-    assert result == [None]

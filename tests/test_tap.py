@@ -20,9 +20,9 @@ from zope.interface.verify import verifyObject
 
 from m2mgw.config import load_config
 from m2mgw.datadir import DataDir
-from m2mgw.modules.udp import SilentHandler
+from m2mgw.protocol.engine import ModuleController
 from m2mgw.service import StartupFailed, find_service
-from m2mgw.tap import Options, _expiry, _module_handler, _stop_reactor, makeService
+from m2mgw.tap import Options, _expiry, _stop_reactor, makeService
 from tests.doubles import (
     LifecycleStore,
     UDPMemoryReactor,
@@ -130,10 +130,10 @@ def test_tree_shape(workdir: Path) -> None:
     assert root.name == "m2mgw"
     assert [s.name for s in root] == ["store", "modules", "apps", "sources", "jobs"]  # type: ignore[attr-defined]
     jobs = find_service(root, "jobs")
-    assert [s.name for s in jobs] == ["expiry", "housekeeping"]  # type: ignore[attr-defined]
+    assert [s.name for s in jobs] == ["expiry", "housekeeping", "security"]  # type: ignore[attr-defined]
     assert list(find_service(root, "sources")) == []  # type: ignore[call-overload]
     assert find_service(root, "jobs/expiry").clock is not None  # type: ignore[attr-defined]
-    assert isinstance(find_service(root, "modules").protocol.handler, SilentHandler)  # type: ignore[attr-defined]
+    assert isinstance(find_service(root, "modules").protocol.handler, ModuleController)  # type: ignore[attr-defined]
 
 
 def test_listeners_use_the_configured_addresses_and_the_tls_options(workdir: Path) -> None:
@@ -267,12 +267,6 @@ def test_a_failed_start_stops_the_reactor_even_before_it_runs() -> None:
     assert reactor.hasStopped
 
 
-def test_module_handler_is_silent_until_an_engine_exists(workdir: Path) -> None:
-    config = load_config("ec.conf")
-    handler = _module_handler(config, object(), object(), object())  # type: ignore[arg-type]
-    assert isinstance(handler, SilentHandler)
-
-
 # -- the real tree on 127.0.0.1 ephemeral ports ------------------------------------------------
 
 
@@ -304,9 +298,10 @@ async def test_real_tree_on_loopback(workdir: Path) -> None:
         reply = await threads.deferToThread(
             udp_exchange, "127.0.0.1", udp_port, b"\x83\x01\x01", 0.3
         )
-        assert reply is None  # no engine: silence
+        assert reply is None  # not MGP/1: silence, counted
         protocol = find_service(root, "modules").protocol  # type: ignore[attr-defined]
-        assert protocol.counters.received == 1 and protocol.handler.dropped == 1
+        assert protocol.counters.received == 1
+        assert protocol.handler.drops.by_reason["malformed"] == 1
 
         data = DataDir(str(workdir / "var" / "m2mgw"))
         cert, key = data.issue_app_cert("billing", str(workdir / "client"), key_type="ec")

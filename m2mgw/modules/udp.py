@@ -47,26 +47,6 @@ class DatagramHandler(Protocol):
         ...
 
 
-class SilentHandler:
-    """
-    What answers modules when no protocol engine is configured: nothing.
-
-    Every datagram is dropped without a reply (MGP/1 gateways stay silent to
-    what they cannot authenticate, so a gateway without an engine is
-    indistinguishable from one that authenticates nobody) and counted in
-    :attr:`dropped`.
-    """
-
-    def __init__(self) -> None:
-        #: How many datagrams were dropped.
-        self.dropped = 0
-
-    def handle(self, data: bytes, addr: tuple[str, int]) -> Deferred[bytes | None]:
-        """Drop ``data``; the Deferred fires with ``None`` at once."""
-        self.dropped += 1
-        return succeed(None)
-
-
 @dataclass
 class DatagramCounters:
     """

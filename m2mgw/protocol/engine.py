@@ -1,0 +1,802 @@
+"""
+The module controller: MGP/1 on the gateway side.
+
+:class:`ModuleController` takes one received datagram and its source address
+and returns the reply bytes, or ``None`` for silence.  It owns no socket: the
+UDP listener (:mod:`m2mgw.modules.udp`) feeds it and sends what it returns.
+Everything durable goes through the :class:`~m2mgw.interfaces.IModuleStore`,
+in one transaction per accepted message (:class:`~m2mgw.records.HelloCommit`,
+:class:`~m2mgw.records.DataCommit`), committed before the reply is returned,
+so any gateway node sharing the store can answer the module's next datagram.
+
+Node-local state is limited to what cannot let a replay or a double
+execution through: the retransmission cache (replies to byte-identical
+requests), a cache of session keys (the store still decides, per DATA,
+whether the session is live and the counter fresh), and a cache of SDH
+``Z_ss`` values (the key's status is read from the store on every HELLO).
+
+The order of checks is MGP/1 §5 (HELLO) and §8 (DATA); every failure is a
+silent drop counted in :class:`~m2mgw.protocol.drops.DropCounters`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from m2mgw.config import ProtocolPolicy
+from m2mgw.crypto.randomness import system_random
+from m2mgw.errors import BadKey, BadPoint, BadSignature, BadTag, CryptoError, StoreError
+from m2mgw.interfaces import ICipherSuite, IModuleStore, RandomSource
+from m2mgw.protocol import cbor, keyschedule
+from m2mgw.protocol.bodies import (
+    KIND_KEYGEN,
+    KIND_SKEY,
+    MISSING,
+    REQ_PARAMS,
+    REQ_TIME,
+    AuthMethod,
+    ErrorCode,
+    ErrorEntry,
+    InstructionItem,
+    InvalidKeyReg,
+    KeyReg,
+    KeyRegResult,
+    KeyRegStatus,
+    Params,
+    Payload,
+    ReplyBody,
+    ReplyFrame,
+    build_hello_reply_plaintext,
+    ins_budget,
+    instruction_wire_size,
+    parse_data_body,
+    parse_hello_plaintext,
+    reply_datagram_size,
+)
+from m2mgw.protocol.drops import DropCounters, DropReason
+from m2mgw.protocol.messages import (
+    MAX_RECEIVED_DATAGRAM,
+    Data,
+    DataReply,
+    Hello,
+    HelloReply,
+    MalformedMessage,
+    parse_request,
+)
+from m2mgw.protocol.retransmit import ReplyCache
+from m2mgw.protocol.senml import report_json
+from m2mgw.records import (
+    VOUCHED_BY_PSK,
+    Confirmation,
+    DataCommit,
+    Delivery,
+    ExchangeResult,
+    HelloCommit,
+    Instruction,
+    InstructionState,
+    KeyStatus,
+    Module,
+    ModuleKey,
+    ModuleStatus,
+    NewEvent,
+    NewInstruction,
+    PayloadEffects,
+    Report,
+    Session,
+)
+
+__all__ = ["ModuleController", "ServerKeyPair"]
+
+Address = tuple[str, int]
+
+#: Payload key of a keyreg, for ``res`` (MGP/1 §8.2).
+_RES_KEYREG = 12
+#: Random bytes in a keygen Params ``seed`` (MGP/1 §9: 16-32).
+_SEED_BYTES = 32
+#: Transitory alias size (MGP/1 §7: 8-16; the vectors use 12).
+_ALIAS_BYTES = 12
+#: ``stok`` size (MGP/1 §5).
+_STOK_BYTES = 16
+#: How many sid draws before giving up on a (vanishingly unlikely) collision.
+_SID_TRIES = 4
+
+
+class ServerKeyPair(Protocol):
+    """A loaded module-side server key pair (see :class:`m2mgw.datadir.LoadedServerKey`)."""
+
+    @property
+    def skid(self) -> int: ...
+
+    @property
+    def suite(self) -> str: ...
+
+    @property
+    def key(self) -> Any: ...
+
+    @property
+    def public(self) -> bytes: ...
+
+    @property
+    def sig_public(self) -> bytes | None: ...
+
+
+class _Drop(Exception):
+    """Internal: stop processing this datagram silently, counted under ``reason``."""
+
+    def __init__(self, reason: DropReason, claimed_id: str | None = None) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.claimed_id = claimed_id
+
+
+class _LRU(OrderedDict[Any, Any]):
+    """A small bounded mapping: least recently used entries go first."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self._size = size
+
+    def get_fresh(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self._size:
+            self.popitem(last=False)
+
+
+@dataclass
+class _PayloadOutcome:
+    """What processing a Payload decided, before the store applies it."""
+
+    effects: PayloadEffects = field(default_factory=PayloadEffects)
+    err: list[ErrorEntry] = field(default_factory=list)
+    res: dict[int, Any] = field(default_factory=dict)
+    want_time: bool = False
+    #: The kid of a keygen's Params created for a ``req "params"``, if any.
+    keygen_requested: bool = False
+
+    def encode_outcome(self) -> bytes:
+        """The ``[err, res]`` remembered with a DATA's ``tok`` (MGP/1 §8.4)."""
+        return cbor.encode([[list(e) for e in self.err], self.res])
+
+
+def _decode_outcome(data: bytes) -> tuple[list[ErrorEntry], dict[int, Any]]:
+    value = cbor.decode(data) if data else [[], {}]
+    err = [ErrorEntry(int(code), str(text)) for code, text in value[0]]
+    return err, dict(value[1])
+
+
+@dataclass(frozen=True)
+class _Credential:
+    """How the module authenticated the HELLO of a session (for keyreg proofs)."""
+
+    kid: int
+    key: ModuleKey | None
+
+
+class ModuleController:
+    """
+    MGP/1 on the gateway side.
+
+    :param store: the module database.
+    :param suites: the enabled cipher suites by name.
+    :param server_keys: the accepted server key pairs.
+    :param policy: the ``[protocol]`` policy.
+    :param now: returns the current time in seconds (the reactor's ``seconds``).
+    :param random: the randomness source (``sid``, ``stok``, aliases, seeds, RSA-PSS salts).
+    :param max_datagram: the largest reply the gateway sends.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IModuleStore,
+        suites: Mapping[str, ICipherSuite],
+        server_keys: Iterable[ServerKeyPair],
+        policy: ProtocolPolicy,
+        now: Callable[[], float],
+        random: RandomSource = system_random,
+        max_datagram: int = 1232,
+        session_cache_size: int = 100_000,
+        zss_cache_size: int = 100_000,
+    ) -> None:
+        self._store = store
+        self._suites = dict(suites)
+        self._server_keys: dict[int, ServerKeyPair] = {}
+        self.set_server_keys(server_keys)
+        self._policy = policy
+        self._now = now
+        self._random = random
+        self._max_datagram = max_datagram
+        self.replies = ReplyCache(now, ttl=policy.retransmit_seconds)
+        self.drops = DropCounters()
+        #: Datagrams answered, by message type.
+        self.answered: dict[str, int] = {"hello": 0, "data": 0, "retransmission": 0}
+        #: Confirmations ignored because their instruction was not ``sent``.
+        self.ignored_confirmations = 0
+        self._inflight: dict[bytes, list[Deferred[bytes | None]]] = {}
+        self._sessions = _LRU(session_cache_size)
+        self._zss = _LRU(zss_cache_size)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def set_server_keys(self, server_keys: Iterable[ServerKeyPair]) -> None:
+        """Replace the accepted server key pairs (server key rollover)."""
+        self._server_keys = {pair.skid: pair for pair in server_keys}
+
+    # -- entry point -----------------------------------------------------------------
+
+    def handle(self, data: bytes, addr: Address) -> Deferred[bytes | None]:
+        """
+        Process one datagram from ``addr``.
+
+        :return: a Deferred firing with the reply bytes, or ``None`` for
+            silence; it never fails (unexpected errors are logged, counted
+            under ``internal`` and answered with silence).
+        """
+        if len(data) > MAX_RECEIVED_DATAGRAM:
+            self.drops.drop(DropReason.SIZE, addr[0])
+            return succeed(None)
+        cached = self.replies.get(data)
+        if cached is not None:
+            self.answered["retransmission"] += 1
+            return succeed(cached)
+        waiters = self._inflight.get(data)
+        if waiters is not None:
+            # A copy of a datagram still being processed (forward error
+            # correction): it gets the same answer, processed once.
+            waiter: Deferred[bytes | None] = Deferred()
+            waiters.append(waiter)
+            return waiter
+        self._inflight[data] = []
+        result = ensureDeferred(self._process(data, addr))
+        result.addErrback(self._internal_error, addr)
+        result.addBoth(self._finish, data)
+        return result
+
+    def _finish(self, reply: bytes | None, data: bytes) -> bytes | None:
+        waiters = self._inflight.pop(data, [])
+        if reply is not None:
+            self.replies.put(data, reply)
+        for waiter in waiters:
+            waiter.callback(reply)
+        return reply
+
+    def _internal_error(self, failure: Failure, addr: Address) -> None:
+        self.log.failure("processing a datagram from {host} failed", failure, host=addr[0])
+        self.drops.drop(DropReason.INTERNAL, addr[0])
+        return None
+
+    async def _process(self, data: bytes, addr: Address) -> bytes | None:
+        try:
+            try:
+                message = parse_request(data)
+            except MalformedMessage as e:
+                raise _Drop(DropReason.MALFORMED, e.claimed_id) from None
+            if isinstance(message, Hello):
+                reply = await self._hello(message)
+                self.answered["hello"] += 1
+            else:
+                reply = await self._data(message)
+                self.answered["data"] += 1
+            return reply
+        except _Drop as drop:
+            self.drops.drop(drop.reason, addr[0], drop.claimed_id)
+            self.log.debug(
+                "dropped a datagram from {host}: {reason}",
+                host=addr[0],
+                reason=drop.reason.value,
+                claimed_id=drop.claimed_id,
+            )
+            return None
+
+    # -- HELLO (MGP/1 §5, §6) --------------------------------------------------------
+
+    async def _hello(self, hello: Hello) -> bytes:
+        suite = self._suites.get(hello.suite)
+        if suite is None:
+            raise _Drop(DropReason.UNKNOWN_SUITE)
+        server = self._server_keys.get(hello.skid)
+        if server is None or server.suite != suite.name:
+            raise _Drop(DropReason.UNKNOWN_SKID)
+        try:
+            z_es = suite.agree(server.key, hello.epk)
+        except (BadPoint, CryptoError):
+            raise _Drop(DropReason.BAD_POINT) from None
+        keys = keyschedule.hello_keys(suite, z_es)
+        zero = keyschedule.zero_nonce(suite)
+        hello_aad = hello.aad
+        try:
+            plaintext = suite.open(keys.k_hello, zero, hello_aad, hello.ct)
+        except BadTag:
+            raise _Drop(DropReason.BAD_TAG) from None
+        try:
+            parsed = parse_hello_plaintext(plaintext)
+        except MalformedMessage as e:
+            raise _Drop(DropReason.BAD_PLAINTEXT, e.claimed_id) from None
+        body = parsed.body
+        module_id = body.id
+        module = await self._store.get_module(module_id)
+        if module is None:
+            raise _Drop(DropReason.UNKNOWN_MODULE, module_id)
+        if module.status == ModuleStatus.DISABLED:
+            raise _Drop(DropReason.DISABLED_MODULE, module_id)
+        now = int(self._now())
+        tbs = keyschedule.hello_auth_tbs(hello_aad, parsed.body_bytes)
+        credential = await self._authenticate(
+            suite, server, module, parsed.method, body.kid, parsed.value, hello.epk, tbs, now
+        )
+
+        policy = self._policy
+        stok_sid_alias = self._draw_session_randomness()
+        sid, stok, alias = stok_sid_alias
+        session_keys = keyschedule.session_keys(suite, z_es, stok, sid, module_id, body.kid)
+        session = Session(
+            sid=sid,
+            module_id=module_id,
+            kid=body.kid,
+            suite=suite.name,
+            skid=server.skid,
+            k_up=session_keys.k_up,
+            k_down=session_keys.k_down,
+            created_at=now,
+            expires_at=now + policy.session_lifetime,
+        )
+        outcome = await self._payload(body.pl, module, session, credential, body.ts, now)
+        base = ReplyBody(
+            ack=body.tok,
+            stok=stok,
+            exp=policy.session_lifetime,
+            time=now,
+            alias=alias,
+            err=tuple(outcome.err),
+            res=outcome.res,
+        )
+        sig_len = self._signature_len(suite, server) if policy.sign_replies else None
+        frame = ReplyFrame.hello_reply(sid, tag_len=suite.tag_len, sig_len=sig_len)
+        delivery = self._delivery(module, base, frame)
+        commit = HelloCommit(
+            session=session,
+            ts=body.ts,
+            now=now,
+            effects=outcome.effects,
+            alias=alias,
+            alias_expires_at=None if alias is None else now + policy.alias_lifetime,
+            delivery=delivery,
+        )
+        try:
+            result = await self._store.accept_hello(commit)
+        except StoreError:
+            # A sid held by another live session: a 48-bit collision.  The
+            # module retries; its next HELLO draws anew.
+            self.log.warn("sid collision for module {module_id}", module_id=module_id)
+            raise _Drop(DropReason.INTERNAL, module_id) from None
+        if result is None:
+            raise _Drop(DropReason.STALE_TS, module_id)
+        self._note_result(result)
+        self._sessions.put(sid, session)
+        reply_body = self._with_instructions(base, result, server, suite)
+        body_bytes = reply_body.encode()
+        reply_aad = HelloReply.aad_for(sid)
+        sig = None
+        if policy.sign_replies:
+            tbs_reply = keyschedule.reply_tbs(hello_aad, reply_aad, body_bytes)
+            sig = suite.sign(server.key, tbs_reply, self._random)
+        plaintext_reply = build_hello_reply_plaintext(body_bytes, sig)
+        ct = suite.seal(keys.k_hreply, zero, reply_aad, plaintext_reply)
+        return HelloReply(sid, ct).encode()
+
+    def _draw_session_randomness(self) -> tuple[bytes, bytes, bytes | None]:
+        """``sid``, ``stok`` and the alias, drawn in the order the vectors list them."""
+        sid = self._random(self._policy.sid_bytes)
+        stok = self._random(_STOK_BYTES)
+        alias = self._random(_ALIAS_BYTES) if self._policy.aliases else None
+        return sid, stok, alias
+
+    @staticmethod
+    def _signature_len(suite: ICipherSuite, server: ServerKeyPair) -> int:
+        size = getattr(server.key, "key_size", None)
+        if isinstance(size, int) and suite.curve is None:
+            return (size + 7) // 8
+        return int(suite.signature_len)
+
+    async def _authenticate(
+        self,
+        suite: ICipherSuite,
+        server: ServerKeyPair,
+        module: Module,
+        method: AuthMethod,
+        kid: int,
+        value: bytes,
+        epk: bytes,
+        tbs: bytes,
+        now: int,
+    ) -> _Credential:
+        """Select the credential and verify ``auth`` (MGP/1 §5); raise :class:`_Drop`."""
+        module_id = module.module_id
+        if method == AuthMethod.PSK:
+            if module.psk is None:
+                raise _Drop(DropReason.PSK_REFUSED, module_id)
+            if self._policy.psk_single_use and not module.psk_reusable:
+                keys = await self._store.list_keys(module_id)
+                if any(key.status == KeyStatus.ACTIVE for key in keys):
+                    raise _Drop(DropReason.PSK_REFUSED, module_id)
+            expected = keyschedule.psk_mac(module.psk, epk, tbs)
+            if not hmac.compare_digest(expected, value):
+                raise _Drop(DropReason.BAD_PSK_MAC, module_id)
+            return _Credential(VOUCHED_BY_PSK, None)
+        key = await self._store.get_key(module_id, kid)
+        if key is None:
+            raise _Drop(DropReason.UNKNOWN_KID, module_id)
+        if key.suite != suite.name:
+            raise _Drop(DropReason.BAD_KID, module_id)
+        if key.status not in (KeyStatus.ACTIVE, KeyStatus.PENDING):
+            raise _Drop(DropReason.RETIRED_KID, module_id)
+        if key.not_after is not None and key.not_after <= now:
+            raise _Drop(DropReason.EXPIRED_KID, module_id)
+        if method == AuthMethod.SIG:
+            try:
+                suite.verify(key.public, value, tbs)
+            except (BadSignature, BadKey):
+                raise _Drop(DropReason.BAD_SIGNATURE, module_id) from None
+        else:  # SDH
+            if not suite.supports_sdh:
+                raise _Drop(DropReason.BAD_SIGNATURE, module_id)
+            cache_key = (module_id, kid, server.skid, key.public)
+            z_ss = self._zss.get_fresh(cache_key)
+            if z_ss is None:
+                try:
+                    z_ss = suite.static_agree(server.key, key.public)
+                except CryptoError:
+                    raise _Drop(DropReason.BAD_SIGNATURE, module_id) from None
+                self._zss.put(cache_key, z_ss)
+            expected = keyschedule.sdh_mac(suite, z_ss, epk, tbs)
+            if not hmac.compare_digest(expected, value):
+                raise _Drop(DropReason.BAD_SIGNATURE, module_id)
+        return _Credential(kid, key)
+
+    # -- DATA (MGP/1 §8) -------------------------------------------------------------
+
+    async def _data(self, data: Data) -> bytes:
+        now = int(self._now())
+        session = self._sessions.get_fresh(data.sid)
+        if session is None:
+            session = await self._store.get_session(data.sid)
+            if session is None:
+                raise _Drop(DropReason.UNKNOWN_SID)
+            self._sessions.put(data.sid, session)
+        if session.expires_at <= now:
+            raise _Drop(DropReason.EXPIRED_SID, session.module_id)
+        suite = self._suites.get(session.suite)
+        if suite is None:
+            raise _Drop(DropReason.UNKNOWN_SUITE, session.module_id)
+        nonce = keyschedule.nonce_for_ctr(suite, data.ctr)
+        try:
+            plaintext = suite.open(session.k_up, nonce, data.aad, data.ct)
+        except BadTag:
+            raise _Drop(DropReason.BAD_TAG) from None
+        window = self._policy.replay_window
+        try:
+            body = parse_data_body(plaintext)
+        except MalformedMessage:
+            # §8: a malformed DataBody is dropped, but its ctr counts as accepted.
+            await self._store.accept_data(
+                DataCommit(sid=data.sid, ctr=data.ctr, window_size=window, tok=b"", now=now)
+            )
+            raise _Drop(DropReason.MALFORMED_BODY, session.module_id) from None
+
+        module: Module | None = None
+        credential = _Credential(session.kid, None)
+        if body.pl is not None and (body.pl.keyreg is not None or REQ_PARAMS in body.pl.req):
+            module = await self._store.get_module(session.module_id)
+            if module is None:
+                raise _Drop(DropReason.UNKNOWN_MODULE, session.module_id)
+            if session.kid != VOUCHED_BY_PSK:
+                credential = _Credential(
+                    session.kid, await self._store.get_key(session.module_id, session.kid)
+                )
+        outcome = await self._payload(body.pl, module, session, credential, body.ts, now)
+        want_time = outcome.want_time or self._policy.time_in_data_reply
+        base = ReplyBody(
+            ack=body.tok,
+            time=now if want_time else None,
+            err=tuple(outcome.err),
+            res=outcome.res,
+        )
+        frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=suite.tag_len)
+        commit = DataCommit(
+            sid=data.sid,
+            ctr=data.ctr,
+            window_size=window,
+            tok=body.tok,
+            now=now,
+            effects=outcome.effects,
+            outcome=outcome.encode_outcome(),
+            delivery=self._delivery(module, base, frame),
+        )
+        result = await self._store.accept_data(commit)
+        if result is None:
+            self._sessions.pop(data.sid, None)
+            raise _Drop(DropReason.REPLAY, session.module_id)
+        self._note_result(result)
+        if result.duplicate_outcome is not None:
+            err, res = _decode_outcome(result.duplicate_outcome)
+            base = replace(base, err=tuple(err), res=res)
+        server = self._server_keys.get(session.skid)
+        reply_body = self._with_instructions(base, result, server, suite)
+        if reply_datagram_size(reply_body, frame) > self._max_datagram:
+            # Only possible when a remembered outcome is larger than the new
+            # one; the instructions stay sent and ride in the next reply.
+            reply_body = replace(base, ins=(), more=True)
+        ct = suite.seal(
+            session.k_down,
+            nonce,
+            DataReply.aad_for(data.sid, data.ctr),
+            reply_body.encode(),
+        )
+        return DataReply(data.sid, data.ctr, ct).encode()
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _delivery(self, module: Module | None, base: ReplyBody, frame: ReplyFrame) -> Delivery:
+        if module is not None and module.status == ModuleStatus.PENDING_APPROVAL:
+            return Delivery(budget=0, max_attempts=self._policy.max_attempts)
+        return Delivery(
+            budget=ins_budget(base, frame, self._max_datagram),
+            max_attempts=self._policy.max_attempts,
+        )
+
+    def _note_result(self, result: ExchangeResult) -> None:
+        self.ignored_confirmations += result.ignored_confirmations
+
+    def _with_instructions(
+        self,
+        base: ReplyBody,
+        result: ExchangeResult,
+        server: ServerKeyPair | None,
+        suite: ICipherSuite,
+    ) -> ReplyBody:
+        items = tuple(self._instruction_item(i, server, suite) for i in result.instructions)
+        return replace(base, ins=items, more=result.more)
+
+    def _instruction_item(
+        self, instruction: Instruction, server: ServerKeyPair | None, suite: ICipherSuite
+    ) -> InstructionItem:
+        body = cbor.decode(instruction.body)
+        if instruction.kind == KIND_SKEY and isinstance(body, dict) and server is not None:
+            # §8.2: signed when the reply is built, by the session's server key.
+            tbs = keyschedule.skey_tbs(body[1], body[2], body[3], body.get(4))
+            body = {**body, 5: suite.sign(server.key, tbs, self._random)}
+        return InstructionItem(instruction.iid, instruction.kind, body, instruction.not_after)
+
+    # -- payloads (MGP/1 §8.1, §9) -----------------------------------------------------
+
+    async def _payload(
+        self,
+        payload: Payload | None,
+        module: Module | None,
+        session: Session,
+        credential: _Credential,
+        module_ts: int | None,
+        now: int,
+    ) -> _PayloadOutcome:
+        outcome = _PayloadOutcome()
+        if payload is None:
+            return outcome
+        module_id = session.module_id
+        report: Report | None = None
+        events: list[NewEvent] = []
+        new_key: ModuleKey | None = None
+        new_instructions: list[NewInstruction] = []
+        for error in payload.errors:
+            outcome.err.append(ErrorEntry(ErrorCode.MALFORMED_ITEM, error.text))
+        if payload.data is not MISSING:
+            report = Report(module_id, now, cbor.encode(payload.data), module_ts)
+            fmt, rendered = report_json(payload.data)
+            events.append(
+                NewEvent(
+                    "report",
+                    module_id,
+                    {
+                        "module": module_id,
+                        "received_at": now,
+                        "module_ts": module_ts,
+                        "format": fmt,
+                        "data": rendered,
+                    },
+                )
+            )
+        confirmations = tuple(
+            Confirmation(
+                entry.iid,
+                entry.status,
+                entry.ts,
+                None if entry.result is MISSING else cbor.encode(entry.result),
+            )
+            for entry in payload.conf
+        )
+        if payload.note is not None:
+            note = payload.note
+            events.append(
+                NewEvent(
+                    "alert",
+                    module_id,
+                    {
+                        "origin": "module",
+                        "module": module_id,
+                        "level": note.level,
+                        "code": note.code,
+                        "text": note.text,
+                        "received_at": now,
+                    },
+                )
+            )
+        for request in payload.req:
+            if request == REQ_TIME:
+                outcome.want_time = True
+            elif request == REQ_PARAMS:
+                keygen = await self._keygen_instruction(module, session, now)
+                if keygen is None:
+                    outcome.err.append(ErrorEntry(ErrorCode.NOT_PERMITTED, "no rotation now"))
+                else:
+                    new_instructions.append(keygen)
+                    outcome.keygen_requested = True
+            else:
+                outcome.err.append(ErrorEntry(ErrorCode.UNKNOWN_REQUEST, f"unknown {request}"))
+        if payload.keyreg is not None:
+            result, new_key = await self._keyreg(payload.keyreg, module, session, credential, now)
+            outcome.res[_RES_KEYREG] = result.to_cbor()
+        outcome.effects = PayloadEffects(
+            report=report,
+            confirmations=confirmations,
+            new_key=new_key,
+            new_instructions=tuple(new_instructions),
+            events=tuple(events),
+        )
+        return outcome
+
+    def _default_params(self, suite: ICipherSuite, kid: int) -> Params:
+        """The gateway's default parameter set for ``suite`` (pid 1)."""
+        return Params(
+            suite=suite.name,
+            ttl=self._policy.key_ttl,
+            seed=self._random(_SEED_BYTES),
+            kid=kid,
+            pid=1,
+            curve=suite.curve,
+            rsa_bits=2048 if suite.curve is None else None,
+            hash=suite.hash_name,
+        )
+
+    async def _keygen_instruction(
+        self, module: Module | None, session: Session, now: int
+    ) -> NewInstruction | None:
+        """A ``keygen`` for ``req "params"``; ``None`` when policy allows no rotation now."""
+        if module is None or module.status != ModuleStatus.ENABLED:
+            return None
+        suite = self._suites.get(session.suite)
+        if suite is None:
+            return None
+        keys = await self._store.list_keys(module.module_id)
+        next_kid = max((key.kid for key in keys), default=0) + 1
+        params = self._default_params(suite, next_kid)
+        body = params.to_cbor()
+        return NewInstruction(
+            module_id=module.module_id,
+            kind=KIND_KEYGEN,
+            body=cbor.encode(body),
+            wire_size=instruction_wire_size(KIND_KEYGEN, body),
+            source="gateway",
+        )
+
+    async def _expected_keygen(self, module_id: str) -> list[Params]:
+        """The Params of the module's outstanding keygen instructions."""
+        pending = await self._store.list_instructions(
+            module_id, states=(InstructionState.QUEUED, InstructionState.SENT)
+        )
+        found = []
+        for instruction in pending:
+            if instruction.kind != KIND_KEYGEN:
+                continue
+            body = cbor.decode(instruction.body)
+            found.append(
+                Params(
+                    suite=body[1],
+                    ttl=body[5],
+                    seed=body[6],
+                    kid=body[7],
+                    pid=body[9],
+                )
+            )
+        return found
+
+    async def _keyreg(
+        self,
+        keyreg: KeyReg | InvalidKeyReg,
+        module: Module | None,
+        session: Session,
+        credential: _Credential,
+        now: int,
+    ) -> tuple[KeyRegResult, ModuleKey | None]:
+        """Verify a key registration (MGP/1 §9); the result for ``res`` and the key to record."""
+
+        def refuse(status: KeyRegStatus, reason: str) -> tuple[KeyRegResult, None]:
+            return KeyRegResult(keyreg.kid, int(status), reason), None
+
+        if isinstance(keyreg, InvalidKeyReg):
+            return refuse(KeyRegStatus.NOT_ACCEPTABLE, keyreg.reason)
+        if module is None:
+            return refuse(KeyRegStatus.REFUSED, "module unavailable")
+        module_id = module.module_id
+        suite = self._suites.get(keyreg.suite)
+        if suite is None:
+            return refuse(KeyRegStatus.NOT_ACCEPTABLE, f"unknown suite {keyreg.suite}")
+        keys = await self._store.list_keys(module_id)
+        taken = {key.kid for key in keys}
+        ttl = self._policy.key_ttl
+        if keyreg.pid == 0:
+            expected_kid = max((key.kid for key in keys), default=0) + 1
+        else:
+            match = [p for p in await self._expected_keygen(module_id) if p.pid == keyreg.pid]
+            if not match:
+                return refuse(KeyRegStatus.NOT_ACCEPTABLE, f"unknown pid {keyreg.pid}")
+            params = next((p for p in match if p.kid == keyreg.kid), match[-1])
+            if params.suite != keyreg.suite:
+                return refuse(KeyRegStatus.NOT_ACCEPTABLE, "suite differs from the Params")
+            expected_kid, ttl = params.kid, params.ttl
+        try:
+            suite.validate_public_key(keyreg.pub)
+        except BadKey:
+            return refuse(KeyRegStatus.NOT_ACCEPTABLE, "public key not acceptable")
+        if keyreg.kid != expected_kid or keyreg.kid in taken:
+            return refuse(KeyRegStatus.WRONG_KID, f"expected kid {expected_kid}")
+        tbs_k = keyschedule.keyreg_tbs(module_id, keyreg.kid, keyreg.pub, keyreg.suite, keyreg.pid)
+        if credential.kid == VOUCHED_BY_PSK:
+            if module.psk is None or (
+                any(key.status == KeyStatus.ACTIVE for key in keys)
+                and self._policy.psk_single_use
+                and not module.psk_reusable
+            ):
+                return refuse(KeyRegStatus.REFUSED, "PSK proof refused once a key is active")
+            expected = keyschedule.psk_keyreg_proof(module.psk, module_id, tbs_k)
+            if not hmac.compare_digest(expected, keyreg.proof):
+                return refuse(KeyRegStatus.BAD_PROOF, "bad proof")
+        else:
+            vouching = credential.key
+            vouching_suite = None if vouching is None else self._suites.get(vouching.suite)
+            if vouching is None or vouching_suite is None:
+                return refuse(KeyRegStatus.BAD_PROOF, "vouching key unavailable")
+            try:
+                vouching_suite.verify(vouching.public, keyreg.proof, tbs_k)
+            except (BadSignature, BadKey):
+                return refuse(KeyRegStatus.BAD_PROOF, "bad proof")
+        try:
+            suite.verify(keyreg.pub, keyreg.pop, tbs_k)
+        except (BadSignature, BadKey):
+            return refuse(KeyRegStatus.BAD_POP, "bad proof of possession")
+        key = ModuleKey(
+            module_id=module_id,
+            kid=keyreg.kid,
+            suite=keyreg.suite,
+            public=keyreg.pub,
+            status=KeyStatus.PENDING,
+            vouched_by=credential.kid,
+            created_at=now,
+            not_after=now + ttl,
+            pid=keyreg.pid,
+        )
+        return KeyRegResult(keyreg.kid, int(KeyRegStatus.ACCEPTED)), key
