@@ -211,7 +211,17 @@ class IModuleStore(Interface):
     another node.  Methods that find nothing return ``None`` or an empty
     list; those that refuse a change fail the Deferred with the
     :mod:`m2mgw.errors` type named.  Records are the frozen dataclasses of
-    :mod:`m2mgw.records`.  Times are supplied by the caller (``now``).
+    :mod:`m2mgw.records`.  Times are supplied by the caller (``now``).  A
+    read issued after a write's Deferred fired sees that write; one issued
+    before may not.
+
+    Every change of an instruction's state and every key recorded or changed
+    by the store appends, in the same transaction, an application event
+    (``instruction``: ``{"iid", "state", "kind", "exec_ts", "status",
+    "attempts"}``, addressed to the submitting application, or to the module's
+    applications when ``source`` is ``operator``, ``spool`` or ``gateway``;
+    ``key``: ``{"kid", "status", "suite"}``, to the module's applications).
+    Callers do not append these themselves.
     """
 
     name = Attribute("The store's configuration name, e.g. ``'sqlite'``.")
@@ -261,7 +271,7 @@ class IModuleStore(Interface):
 
     def add_key(key: Any) -> Deferred[None]:
         """
-        Record a :class:`~m2mgw.records.ModuleKey`.
+        Record a :class:`~m2mgw.records.ModuleKey` (with its ``key`` event).
 
         :raise m2mgw.errors.UnknownModule:
         :raise m2mgw.errors.KeyConflict: the ``kid`` is taken.
@@ -275,8 +285,10 @@ class IModuleStore(Interface):
 
     def set_key_status(module_id: str, kid: int, status: Any, now: int) -> Deferred[None]:
         """
-        Move a key to ``status``, stamping ``activated_at`` or ``retired_at``.
-        Revoking a key ends every session it opened, at once.
+        Move a key to ``status``, stamping ``activated_at`` (active) or
+        ``retired_at`` (retired, expired, revoked; kept if already set), with
+        its ``key`` event if the status changed.  Revoking a key ends every
+        session it opened, at once.
 
         :raise m2mgw.errors.UnknownKey:
         """
@@ -301,27 +313,65 @@ class IModuleStore(Interface):
     def accept_hello(commit: Any) -> Deferred[Any]:
         """
         Accept an authenticated HELLO atomically, as
-        :class:`~m2mgw.records.HelloCommit` describes: the ``ts``
-        compare-and-set, the session swap, key activation, alias, payload
-        effects and instruction claiming, in one transaction.
+        :class:`~m2mgw.records.HelloCommit` describes, in one transaction:
 
-        :return: an :class:`~m2mgw.records.ExchangeResult`, or ``None`` if
-            ``ts`` was not greater than the stored one (nothing changed).
+        1. the ``ts`` compare-and-set: ``ts`` must exceed the module's
+           ``last_hello_ts``; the credential must still be valid (the module
+           not disabled; for ``session.kid`` >= 1, that key active or pending),
+           since an operator may have withdrawn it after the engine checked;
+        2. the session swap: the module's earlier session ends, ``session`` is
+           stored (a ``sid`` held by another module's expired session is taken over);
+        3. if key ``session.kid`` is pending it becomes active, and every older
+           active or pending key retired (``kid`` 0, the PSK, activates nothing);
+        4. ``alias`` replaces the module's previous alias;
+        5. ``effects`` are applied: the report stored, the engine's events
+           appended, confirmations applied (an instruction in state ``sent``
+           becomes ``confirmed``; any other is ignored and counted), ``new_key``
+           recorded as given unless its ``kid`` is taken, ``new_instructions``
+           queued as :meth:`enqueue` does;
+        6. instructions are claimed per ``delivery`` (if given): among the
+           module's ``queued`` and ``sent`` ones -- first those just created
+           by ``effects``, then the others, each ``iid`` ascending -- one past
+           its ``not_after`` becomes ``expired``, one that rode
+           ``max_attempts`` times ``failed``; the others ride while the sum of
+           their ``wire_size`` fits the budget, stopping at the first that
+           does not (``more``); each that rides becomes ``sent``, one attempt more.
+
+        Each instruction state change and key change appends its event (see
+        the class docstring) and is listed in ``transitions``.
+
+        :return: an :class:`~m2mgw.records.ExchangeResult`, or ``None`` (and
+            nothing changed) if ``ts`` was not greater than the stored one or
+            the credential was withdrawn.
         :raise m2mgw.errors.UnknownModule:
+        :raise m2mgw.errors.StoreError: ``session.sid`` is held by another
+            module's live session (draw another).
         """
 
     def get_session(sid: bytes) -> Deferred[Any]:
         """The :class:`~m2mgw.records.Session`, or ``None`` (also when ended)."""
 
+    def get_module_session(module_id: str) -> Deferred[Any]:
+        """The module's :class:`~m2mgw.records.Session` (expired or not), or ``None``."""
+
     def accept_data(commit: Any) -> Deferred[Any]:
         """
         Accept an authenticated DATA atomically, as
-        :class:`~m2mgw.records.DataCommit` describes: the replay-window
-        check-and-set, the ``tok`` memory (at least the last 16 per module,
-        across sessions), payload effects and instruction claiming.
+        :class:`~m2mgw.records.DataCommit` describes, in one transaction:
+        the session must exist and not be expired at ``now``; ``ctr`` must
+        pass :func:`m2mgw.protocol.replay.accept_counter`, whose new state is
+        stored; then, if ``tok`` is among the module's remembered ones (the
+        last 16 per module, across sessions), ``effects`` are not applied and
+        the remembered outcome is returned as ``duplicate_outcome``; else
+        ``effects`` are applied and ``(tok, outcome)`` remembered (an empty
+        ``tok``, used for a malformed DataBody whose ``ctr`` only counts, is
+        neither looked up nor remembered).  Effects and
+        claiming are those of :meth:`accept_hello` (steps 5 and 6), with the
+        same events and ``transitions``.
 
-        :return: an :class:`~m2mgw.records.ExchangeResult`, or ``None`` if the
-            session is gone or ``ctr`` is replayed or below the window.
+        :return: an :class:`~m2mgw.records.ExchangeResult`, or ``None`` (and
+            nothing changed) if the session is gone or expired, or ``ctr``
+            is replayed, below the window or beyond 2**63 - 1.
         """
 
     def end_session(sid: bytes) -> Deferred[None]:
@@ -356,7 +406,8 @@ class IModuleStore(Interface):
 
     def cancel_instruction(module_id: str, iid: int, now: int) -> Deferred[Any]:
         """
-        Cancel a ``queued`` or ``sent`` instruction; returns the updated record.
+        Cancel a ``queued`` or ``sent`` instruction (with its ``instruction``
+        event); returns the updated record.
 
         :raise m2mgw.errors.UnknownInstruction:
         :raise m2mgw.errors.InvalidTransition: it is already final.
@@ -408,11 +459,12 @@ class IModuleStore(Interface):
 
     def expire(now: int) -> Deferred[dict[str, int]]:
         """
-        Remove expired sessions and aliases; mark ``expired`` the instructions
-        whose ``not_after`` has passed and the active or pending keys whose
-        ``not_after`` has passed (each with its event).
+        Remove the sessions and aliases whose ``expires_at`` is at or before
+        ``now``; mark ``expired`` the ``queued``/``sent`` instructions and the
+        active or pending keys whose ``not_after`` is before ``now`` (each
+        with its event).
 
-        :return: counts by kind, e.g. ``{"sessions": 3, "aliases": 0, ...}``.
+        :return: counts by kind: ``{"sessions", "aliases", "instructions", "keys"}``.
         """
 
 
@@ -421,6 +473,12 @@ class IModuleStoreFactory(Interface):
 
     name = Attribute("Configuration name, e.g. ``'sqlite'``; unique among stores.")
     options = Attribute("Mapping of the option names this store accepts to one-line descriptions.")
+    external_service = Attribute(
+        "``None`` for a store that needs nothing but its data directory; else a one-line"
+        " description of the server it needs (e.g. ``'a PostgreSQL server'``).  The"
+        " contract tests run such a store only when ``M2MGW_TEST_STORE_<NAME>`` holds"
+        " its test options as a JSON object, and skip it otherwise."
+    )
 
     def create(options: Mapping[str, str], data_dir: str, reactor: Any) -> IModuleStore:
         """

@@ -78,7 +78,7 @@ class Module:
 
     module_id: str
     status: ModuleStatus = ModuleStatus.ENABLED
-    psk: bytes | None = None
+    psk: bytes | None = field(default=None, repr=False)
     psk_reusable: bool = False
     group: str = "default"
     last_hello_ts: int = 0
@@ -146,8 +146,8 @@ class Session:
     kid: int
     suite: str
     skid: int
-    k_up: bytes
-    k_down: bytes
+    k_up: bytes = field(repr=False)
+    k_down: bytes = field(repr=False)
     created_at: int
     expires_at: int
     highest_ctr: int = 0
@@ -278,7 +278,7 @@ class PayloadEffects:
 
     report: Report | None = None
     confirmations: tuple[Confirmation, ...] = ()
-    #: A verified key registration to record as ``pending``.
+    #: A verified key registration to record as ``pending`` (the store appends its ``key`` event).
     new_key: ModuleKey | None = None
     #: Instructions the engine queues in answer (e.g. a ``keygen`` for ``req "params"``).
     new_instructions: tuple[NewInstruction, ...] = ()
@@ -360,3 +360,10 @@ class ExchangeResult:
     created: tuple[Instruction, ...] = ()
     #: ``False`` when a ``new_key``'s kid was already taken (recorded nothing).
     key_recorded: bool = True
+    #: Confirmations ignored because their instruction was not ``sent``
+    #: (unknown, already confirmed, expired, failed or cancelled; MGP/1 §8.2).
+    ignored_confirmations: int = 0
+    #: The instructions whose state this exchange changed (``queued`` -> ``sent``,
+    #: ``sent`` -> ``confirmed``, -> ``expired``, -> ``failed``), as they are after
+    #: the change; the store appended an ``instruction`` event for each.
+    transitions: tuple[Instruction, ...] = ()

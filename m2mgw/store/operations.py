@@ -1,0 +1,393 @@
+"""
+Every :class:`~m2mgw.interfaces.IModuleStore` operation, written once.
+
+Each function runs inside one transaction of a store, on that store's
+:class:`~m2mgw.store.tables.Tables`; the store commits everything it changed
+or, if it raises, nothing.  The decisions come from :mod:`m2mgw.store.logic`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from m2mgw.errors import (
+    DuplicateModule,
+    InvalidTransition,
+    KeyConflict,
+    StoreError,
+    UnknownInstruction,
+    UnknownKey,
+    UnknownModule,
+)
+from m2mgw.protocol.replay import WindowState, accept_counter
+from m2mgw.records import (
+    DataCommit,
+    Delivery,
+    Event,
+    ExchangeResult,
+    HelloCommit,
+    Instruction,
+    InstructionState,
+    KeyStatus,
+    Module,
+    ModuleKey,
+    ModuleStatus,
+    NewEvent,
+    NewInstruction,
+    PayloadEffects,
+    ServerKey,
+    ServerKeyStatus,
+)
+from m2mgw.store import logic
+from m2mgw.store.tables import Tables
+
+#: How many pending instructions a delivery reads at a time.
+PENDING_PAGE = 32
+
+
+class _EventWriter:
+    """Appends events to the outbox, looking up each module's applications once."""
+
+    def __init__(self, tables: Tables, now: int) -> None:
+        self._tables = tables
+        self._now = now
+        self._apps: dict[str, list[str]] = {}
+
+    def append(self, event: NewEvent) -> list[Event]:
+        """Append one event to each of its recipients; return the stored events."""
+        module_apps: list[str] = []
+        if event.app is None and event.module_id is not None:
+            if event.module_id not in self._apps:
+                self._apps[event.module_id] = self._tables.get_module_apps(event.module_id)
+            module_apps = self._apps[event.module_id]
+        text = logic.encode_payload(event.payload)
+        stored = []
+        for app in logic.event_recipients(event, module_apps):
+            record = Event(
+                app=app,
+                seq=self._tables.next_event_seq(app),
+                kind=event.kind,
+                module_id=event.module_id,
+                payload=logic.decode_payload(text),
+                created_at=self._now,
+            )
+            self._tables.insert_event(record, text)
+            stored.append(record)
+        return stored
+
+
+class _Exchange:
+    """What one accepted HELLO or DATA changed, gathered for its :class:`ExchangeResult`."""
+
+    def __init__(self, tables: Tables, module_id: str, now: int) -> None:
+        self.tables = tables
+        self.module_id = module_id
+        self.now = now
+        self.events = _EventWriter(tables, now)
+        self.transitions: list[Instruction] = []
+        self.created: list[Instruction] = []
+        self.ignored_confirmations = 0
+        self.key_recorded = True
+
+    def change_instruction(self, instruction: Instruction) -> None:
+        """Store an instruction's new state and report it."""
+        self.tables.update_instruction(instruction)
+        self.transitions.append(instruction)
+        self.events.append(logic.instruction_event(instruction))
+
+    def change_key(self, key: ModuleKey) -> None:
+        """Store a key's new status and report it."""
+        self.tables.update_key(key)
+        self.events.append(logic.key_event(key))
+
+    def apply(self, effects: PayloadEffects) -> None:
+        """Apply a Payload's effects (MGP/1 §8.1) in the order the spec needs."""
+        tables = self.tables
+        if effects.report is not None:
+            report = effects.report
+            if report.module_ts is not None and not logic.fits_int64(report.module_ts):
+                report = replace(report, module_ts=None)
+            tables.insert_report(report)
+        for event in effects.events:
+            self.events.append(event)
+        for confirmation in effects.confirmations:
+            instruction = (
+                tables.get_instruction(self.module_id, confirmation.iid)
+                if logic.fits_int64(confirmation.iid)
+                else None
+            )
+            if instruction is None or instruction.state is not InstructionState.SENT:
+                self.ignored_confirmations += 1
+            else:
+                self.change_instruction(logic.confirmed(instruction, confirmation, self.now))
+        if effects.new_key is not None:
+            key = effects.new_key
+            if tables.get_key(key.module_id, key.kid) is None:
+                tables.insert_keys([key])
+                self.events.append(logic.key_event(key))
+            else:
+                self.key_recorded = False
+        for new in effects.new_instructions:
+            self.created.append(enqueue(tables, new, self.now))
+
+    def result(
+        self, delivery: Delivery | None, duplicate_outcome: bytes | None = None
+    ) -> ExchangeResult:
+        """Claim instructions per ``delivery`` and describe the exchange."""
+        claimed: list[Instruction] = []
+        more = False
+        if delivery is not None:
+            preferred = [i for i in self.created if i.state in logic.PENDING_STATES]
+            plan = logic.plan_delivery(
+                _pending(self.tables, self.module_id), preferred, delivery, self.now
+            )
+            for instruction in plan.expired + plan.failed:
+                self.change_instruction(instruction)
+            for instruction in plan.taken:
+                if instruction.iid in plan.first_ride:
+                    self.change_instruction(instruction)
+                else:
+                    self.tables.update_instruction(instruction)
+            claimed, more = plan.taken, plan.more
+        return ExchangeResult(
+            instructions=tuple(claimed),
+            more=more,
+            duplicate_outcome=duplicate_outcome,
+            created=tuple(self.created),
+            key_recorded=self.key_recorded,
+            ignored_confirmations=self.ignored_confirmations,
+            transitions=tuple(self.transitions),
+        )
+
+
+def _pending(tables: Tables, module_id: str) -> Iterator[Instruction]:
+    """The module's ``queued`` and ``sent`` instructions, ``iid`` ascending, read by pages."""
+    after = 0
+    while True:
+        page = tables.pending_instructions(module_id, after, PENDING_PAGE)
+        yield from page
+        if len(page) < PENDING_PAGE:
+            return
+        after = page[-1].iid
+
+
+def _module(tables: Tables, module_id: str) -> Module:
+    module = tables.get_module(module_id)
+    if module is None:
+        raise UnknownModule(module_id)
+    return module
+
+
+# -- modules and keys --------------------------------------------------------------
+
+
+def add_modules(tables: Tables, modules: Sequence[Module], keys: Sequence[ModuleKey]) -> None:
+    """Provision modules and their initial keys, all or none."""
+    added: set[str] = set()
+    for module in modules:
+        if module.module_id in added:
+            raise DuplicateModule(module.module_id)
+        added.add(module.module_id)
+    seen: set[tuple[str, int]] = set()
+    for key in keys:
+        if (key.module_id, key.kid) in seen:
+            raise KeyConflict(f"{key.module_id} kid {key.kid}")
+        seen.add((key.module_id, key.kid))
+        if key.module_id not in added:
+            _module(tables, key.module_id)
+    tables.insert_modules(modules)
+    tables.insert_keys(keys)
+
+
+def set_module_status(tables: Tables, module_id: str, status: ModuleStatus) -> None:
+    """Change a module's status; disabling it ends its session."""
+    tables.update_module(replace(_module(tables, module_id), status=status))
+    if status is ModuleStatus.DISABLED:
+        tables.delete_sessions(module_id)
+
+
+def add_key(tables: Tables, key: ModuleKey) -> None:
+    """Record a module key and report it."""
+    _module(tables, key.module_id)
+    tables.insert_keys([key])
+    _EventWriter(tables, key.created_at).append(logic.key_event(key))
+
+
+def set_key_status(
+    tables: Tables, module_id: str, kid: int, status: KeyStatus, now: int
+) -> ModuleKey:
+    """Move a key to ``status`` (reported if it changed); revoking ends its sessions."""
+    key = tables.get_key(module_id, kid)
+    if key is None:
+        raise UnknownKey(f"{module_id} kid {kid}")
+    if key.status is not status:
+        key = logic.key_with_status(key, status, now)
+        tables.update_key(key)
+        _EventWriter(tables, now).append(logic.key_event(key))
+    if status is KeyStatus.REVOKED:
+        tables.delete_sessions(module_id, kid)
+    return key
+
+
+def add_server_key(tables: Tables, key: ServerKey) -> None:
+    """Record a server key reference."""
+    if tables.get_server_key(key.skid) is not None:
+        raise KeyConflict(f"skid {key.skid}")
+    tables.insert_server_key(key)
+
+
+def set_server_key_status(tables: Tables, skid: int, status: ServerKeyStatus) -> None:
+    """Change a server key reference's status."""
+    key = tables.get_server_key(skid)
+    if key is None:
+        raise UnknownKey(f"skid {skid}")
+    tables.update_server_key(replace(key, status=status))
+
+
+# -- the per-datagram path ---------------------------------------------------------
+
+
+def accept_hello(tables: Tables, commit: HelloCommit) -> ExchangeResult | None:
+    """Accept an authenticated HELLO (see :meth:`IModuleStore.accept_hello`)."""
+    session = commit.session
+    module_id = session.module_id
+    module = _module(tables, module_id)
+    if (
+        module.status is ModuleStatus.DISABLED
+        or not logic.fits_int64(commit.ts)
+        or commit.ts <= module.last_hello_ts
+    ):
+        return None
+    key = None
+    if session.kid != 0:
+        key = tables.get_key(module_id, session.kid)
+        if key is None or key.status not in logic.USABLE_KEY_STATES:
+            return None
+    holder = tables.get_session(session.sid)
+    if holder is not None and holder.module_id != module_id:
+        if holder.expires_at > commit.now:
+            raise StoreError("the session id is in use by another module")
+        tables.delete_session(session.sid)
+    tables.update_module(replace(module, last_hello_ts=commit.ts))
+    tables.delete_sessions(module_id)
+    tables.insert_session(session)
+    exchange = _Exchange(tables, module_id, commit.now)
+    if key is not None and key.status is KeyStatus.PENDING:
+        exchange.change_key(logic.key_with_status(key, KeyStatus.ACTIVE, commit.now))
+        for older in logic.keys_retired_by(tables.list_keys(module_id), key.kid, commit.now):
+            exchange.change_key(older)
+    if commit.alias is not None:
+        tables.replace_alias(module_id, commit.alias, commit.alias_expires_at)
+    exchange.apply(commit.effects)
+    return exchange.result(commit.delivery)
+
+
+def accept_data(tables: Tables, commit: DataCommit) -> ExchangeResult | None:
+    """Accept an authenticated DATA (see :meth:`IModuleStore.accept_data`)."""
+    session = tables.get_session(commit.sid)
+    if session is None or session.expires_at <= commit.now or not logic.fits_int64(commit.ctr):
+        return None
+    window = accept_counter(
+        WindowState(session.highest_ctr, session.window), commit.ctr, commit.window_size
+    )
+    if window is None:
+        return None
+    tables.set_session_window(commit.sid, window.highest, window.bits)
+    exchange = _Exchange(tables, session.module_id, commit.now)
+    # An empty tok (the engine's mark of a malformed DataBody, whose ctr only
+    # counts) is never remembered: it would push real ones out of the memory.
+    duplicate = tables.find_token(session.module_id, commit.tok) if commit.tok else None
+    if duplicate is None:
+        exchange.apply(commit.effects)
+        if commit.tok:
+            tables.remember_token(session.module_id, commit.tok, commit.outcome, logic.TOKEN_MEMORY)
+    return exchange.result(commit.delivery, duplicate_outcome=duplicate)
+
+
+def resolve_alias(tables: Tables, alias: bytes, now: int, consume: bool) -> str | None:
+    """The module an unexpired alias stands for; forget it if ``consume``."""
+    found = tables.get_alias(alias)
+    if found is None:
+        return None
+    module_id, expires_at = found
+    if expires_at is not None and expires_at <= now:
+        return None
+    if consume:
+        tables.delete_alias(alias)
+    return module_id
+
+
+# -- instructions ------------------------------------------------------------------
+
+
+def enqueue(tables: Tables, new: NewInstruction, now: int) -> Instruction:
+    """Queue an instruction under the module's next ``iid`` (or return its idempotent twin)."""
+    _module(tables, new.module_id)
+    if new.idempotency_key is not None:
+        earlier = tables.find_idempotent(new.module_id, new.source, new.idempotency_key)
+        if earlier is not None:
+            return earlier
+    instruction = logic.queued_instruction(new, tables.allocate_iid(new.module_id), now)
+    tables.insert_instruction(instruction)
+    return instruction
+
+
+def cancel_instruction(tables: Tables, module_id: str, iid: int, now: int) -> Instruction:
+    """Cancel a ``queued`` or ``sent`` instruction and report it."""
+    instruction = tables.get_instruction(module_id, iid) if logic.fits_int64(iid) else None
+    if instruction is None:
+        raise UnknownInstruction(f"{module_id} iid {iid}")
+    if instruction.state.final:
+        raise InvalidTransition(f"{module_id} iid {iid} is {instruction.state.value}")
+    cancelled = logic.with_state(instruction, InstructionState.CANCELLED, now)
+    tables.update_instruction(cancelled)
+    _EventWriter(tables, now).append(logic.instruction_event(cancelled))
+    return cancelled
+
+
+# -- the outbox --------------------------------------------------------------------
+
+
+def set_module_apps(tables: Tables, module_id: str, apps: Sequence[str]) -> None:
+    """Set the applications a module belongs to."""
+    _module(tables, module_id)
+    tables.set_module_apps(module_id, sorted(set(apps)))
+
+
+def append_events(tables: Tables, events: Sequence[NewEvent], now: int) -> list[Event]:
+    """Append events to their applications' outboxes."""
+    writer = _EventWriter(tables, now)
+    return [stored for event in events for stored in writer.append(event)]
+
+
+def ack_events(tables: Tables, app: str, seq: int) -> None:
+    """Acknowledge an application's events up to ``seq`` (never beyond its last event)."""
+    acked, last = tables.outbox_position(app)
+    seq = min(seq, last)
+    if seq > acked:
+        tables.acknowledge(app, seq)
+
+
+# -- housekeeping ------------------------------------------------------------------
+
+
+def expire(tables: Tables, now: int) -> dict[str, int]:
+    """Remove what expired by ``now`` and mark expired instructions and keys (with events)."""
+    writer = _EventWriter(tables, now)
+    instructions = tables.expiring_instructions(now)
+    for instruction in instructions:
+        expired = logic.with_state(instruction, InstructionState.EXPIRED, now)
+        tables.update_instruction(expired)
+        writer.append(logic.instruction_event(expired))
+    keys = tables.expiring_keys(now)
+    for key in keys:
+        expired_key = logic.key_with_status(key, KeyStatus.EXPIRED, now)
+        tables.update_key(expired_key)
+        writer.append(logic.key_event(expired_key))
+    return {
+        "sessions": tables.delete_expired_sessions(now),
+        "aliases": tables.delete_expired_aliases(now),
+        "instructions": len(instructions),
+        "keys": len(keys),
+    }
