@@ -239,10 +239,15 @@ class IModuleStore(Interface):
 
     # -- modules and PSKs --------------------------------------------------------
 
-    def add_modules(modules: Sequence[Any], keys: Sequence[Any] = ()) -> Deferred[None]:
+    def add_modules(
+        modules: Sequence[Any],
+        keys: Sequence[Any] = (),
+        apps: Mapping[str, Sequence[str]] | None = None,
+    ) -> Deferred[None]:
         """
         Add :class:`~m2mgw.records.Module` records and, optionally, their
-        initial :class:`~m2mgw.records.ModuleKey` records, all or none.
+        initial :class:`~m2mgw.records.ModuleKey` records and the applications
+        each module belongs to (module identity -> application names), all or none.
 
         :raise m2mgw.errors.DuplicateModule: an identity exists or repeats.
         :raise m2mgw.errors.KeyConflict: a key repeats a ``(module_id, kid)``.

@@ -28,14 +28,14 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any, NoReturn
 
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
 
 from m2mgw import __version__
 from m2mgw.admin import OperatorError
 from m2mgw.admin import output as out
 from m2mgw.admin.csvimport import COLUMNS, parse_module_csv
-from m2mgw.admin.instructions import REPLY_OVERHEAD, body_from_json, new_operator_instruction
+from m2mgw.admin.instructions import body_from_json, new_operator_instruction
 from m2mgw.admin.provisioning import (
     PSK_LENGTHS,
     check_app_names,
@@ -55,6 +55,7 @@ from m2mgw.errors import (
     UnknownInstruction,
     UnknownModule,
 )
+from m2mgw.instructions.submission import REPLY_OVERHEAD
 from m2mgw.interfaces import ICipherSuite, IModuleStore, IModuleStoreFactory
 from m2mgw.records import (
     VOUCHED_BY_OPERATOR,
@@ -76,9 +77,6 @@ PAGE_SIZE = 1000
 
 #: Generated PSKs are this long (MGP/1 §4 allows 16-64 bytes).
 GENERATED_PSK_BYTES = 32
-
-#: Concurrent ``set_module_apps`` calls during an import.
-APPS_BATCH = 500
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -583,11 +581,11 @@ async def cmd_module_add(ctx: Context) -> None:
     module = Module(module_id=module_id, status=status, psk=psk, group=group, created_at=now)
     store = await ctx.store()
     try:
-        await store.add_modules([module], [key] if key is not None else [])
+        await store.add_modules(
+            [module], [key] if key is not None else [], {module_id: apps} if apps else None
+        )
     except DuplicateModule:
         raise OperatorError(f"module {module_id!r} already exists") from None
-    if apps:
-        await store.set_module_apps(module_id, apps)
     detail = f"status {status.value}, psk {'yes' if psk else 'no'}"
     if key is not None:
         detail += f", key kid {key.kid} suite {key.suite}"
@@ -760,23 +758,14 @@ async def cmd_module_import(ctx: Context) -> None:
     if progress.enabled:
         ctx.stderr.write(f"writing {len(modules)} modules in one transaction...\n")
     try:
-        await store.add_modules(modules, keys)
+        await store.add_modules(modules, keys, checked.apps)
     except DuplicateModule as e:
         line = checked.lines.get(str(e))
         where = f"line {line}: " if line is not None else ""
         raise OperatorError(
             f"{path}: {where}module {str(e)!r} already exists; nothing was imported"
         ) from None
-    apps_items = list(checked.apps.items())
-    apps_progress = out.Progress(ctx.stderr, len(apps_items), "applications")
-    for start in range(0, len(apps_items), APPS_BATCH):
-        batch = apps_items[start : start + APPS_BATCH]
-        await gatherResults(
-            [store.set_module_apps(module_id, apps) for module_id, apps in batch],
-            consumeErrors=True,
-        )
-        apps_progress.update(start + len(batch))
-    apps_progress.finish()
+    apps_items = checked.apps
     elapsed = time.monotonic() - started
     await ctx.audit(
         "modules-imported", None, f"{len(modules)} modules, {len(keys)} keys from {path}"

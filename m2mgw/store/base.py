@@ -10,7 +10,7 @@ interface is defined here, once, for all stores.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred
@@ -63,10 +63,14 @@ class TransactionalStore(abc.ABC):
     # -- modules and PSKs ----------------------------------------------------------
 
     def add_modules(
-        self, modules: Sequence[Module], keys: Sequence[ModuleKey] = ()
+        self,
+        modules: Sequence[Module],
+        keys: Sequence[ModuleKey] = (),
+        apps: Mapping[str, Sequence[str]] | None = None,
     ) -> Deferred[None]:
         modules, keys = tuple(modules), tuple(keys)
-        return self._write(lambda tables: operations.add_modules(tables, modules, keys))
+        apps = {module_id: tuple(names) for module_id, names in (apps or {}).items()}
+        return self._write(lambda tables: operations.add_modules(tables, modules, keys, apps))
 
     def get_module(self, module_id: str) -> Deferred[Module | None]:
         return self._read(lambda tables: tables.get_module(module_id))

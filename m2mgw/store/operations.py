@@ -8,7 +8,7 @@ or, if it raises, nothing.  The decisions come from :mod:`m2mgw.store.logic`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 from m2mgw.errors import (
@@ -182,8 +182,13 @@ def _module(tables: Tables, module_id: str) -> Module:
 # -- modules and keys --------------------------------------------------------------
 
 
-def add_modules(tables: Tables, modules: Sequence[Module], keys: Sequence[ModuleKey]) -> None:
-    """Provision modules and their initial keys, all or none."""
+def add_modules(
+    tables: Tables,
+    modules: Sequence[Module],
+    keys: Sequence[ModuleKey],
+    apps: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Provision modules, their initial keys and their applications, all or none."""
     added: set[str] = set()
     for module in modules:
         if module.module_id in added:
@@ -196,8 +201,13 @@ def add_modules(tables: Tables, modules: Sequence[Module], keys: Sequence[Module
         seen.add((key.module_id, key.kid))
         if key.module_id not in added:
             _module(tables, key.module_id)
+    for module_id in apps or {}:
+        if module_id not in added:
+            _module(tables, module_id)
     tables.insert_modules(modules)
     tables.insert_keys(keys)
+    for module_id, names in (apps or {}).items():
+        tables.set_module_apps(module_id, sorted(set(names)))
 
 
 def set_module_status(tables: Tables, module_id: str, status: ModuleStatus) -> None:
