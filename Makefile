@@ -25,8 +25,8 @@ run: $(STAMP)
 test: $(STAMP) lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check m2mgw tests twisted bench
-	$(BIN)/ruff format --check m2mgw tests twisted bench
+	$(BIN)/ruff check m2mgw tests twisted $(wildcard bench)
+	$(BIN)/ruff format --check m2mgw tests twisted $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
