@@ -1,5 +1,10 @@
 """
 Shared by the MGP/1 codec tests: the conformance vectors and hypothesis strategies.
+
+Two vectors files have the same JSON shape and get the same conformance
+tests (:data:`VECTOR_FILES`): the independent reference
+(``docs/spec/vectors.json``), the primary one, and m2mgw's own
+(``docs/test-vectors/mgp1-m2mgw.json``, written by :mod:`m2mgw.testvectors`).
 """
 
 from __future__ import annotations
@@ -9,8 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 from hypothesis import strategies as st
 
+from m2mgw.crypto.rsa import mgf1
 from m2mgw.protocol import bodies, cbor, messages
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +37,68 @@ def _load_vectors() -> dict[str, Any]:
     raise FileNotFoundError(f"MGP/1 vectors.json not found in {[str(p) for p in _CANDIDATES]}")
 
 
+#: m2mgw's own vectors, written by ``python -m m2mgw.testvectors``.
+M2MGW_VECTORS_PATH = _REPO / "docs" / "test-vectors" / "mgp1-m2mgw.json"
+
+#: The reference vectors of the independent implementation: the primary ones.
 VECTORS = _load_vectors()
-SUITE_NAMES = [name for name in VECTORS if not name.startswith("_")]
+#: Every vectors file the conformance tests run over, by name, the reference first.
+VECTOR_FILES: dict[str, dict[str, Any]] = {
+    "reference": VECTORS,
+    "m2mgw": dict(json.loads(M2MGW_VECTORS_PATH.read_text(encoding="utf-8"))),
+}
+FILES = list(VECTOR_FILES)
+
+
+def suite_names(file: str = "reference") -> list[str]:
+    """The suites of one vectors file, in the file's order."""
+    return [name for name in VECTOR_FILES[file] if not name.startswith("_")]
+
+
+SUITE_NAMES = suite_names()
+
+
+def file_suites() -> list[Any]:
+    """``(file, suite)`` for every suite of every vectors file, as pytest params."""
+    return [
+        pytest.param(file, suite, id=f"{file}-{suite}")
+        for file in FILES
+        for suite in suite_names(file)
+    ]
+
+
+#: What each file calls its RSA-PSS salt draws, by use: ``auth`` (a HELLO's SIG,
+#: module_random), ``reply`` (a HELLO_REPLY's signature, gateway_random),
+#: ``skey`` (the skey signature, gateway_random of the skey step), ``pop`` (the
+#: keyreg step's proof of possession), ``hello_pop`` and ``hello_proof`` (the
+#: KeyReg of hello_keyreg).  The reference lists its rsa/hello_keyreg pop salt
+#: as ``pss_salt_2`` and not the proof's (``None``: recover it from the
+#: signature); m2mgw names each salt after its use and lists them all.
+PSS_SALTS: dict[str, dict[str, str | None]] = {
+    "reference": {
+        "auth": "pss_salt",
+        "reply": "pss_salt",
+        "skey": "pss_salt",
+        "pop": "pss_salt",
+        "hello_pop": "pss_salt_2",
+        "hello_proof": None,
+    },
+    "m2mgw": {
+        "auth": "pss_salt_auth",
+        "reply": "pss_salt_reply",
+        "skey": "pss_salt_skey",
+        "pop": "pss_salt_pop",
+        "hello_pop": "pss_salt_pop",
+        "hello_proof": "pss_salt_proof",
+    },
+}
+
+
+def pss_salt(file: str, use: str) -> str:
+    """The draw name of the RSA-PSS salt for ``use`` in ``file`` (see :data:`PSS_SALTS`)."""
+    name = PSS_SALTS[file][use]
+    assert name is not None, f"{file} does not list the salt of {use}"
+    return name
 
 
 def h(value: str) -> bytes:
@@ -37,13 +106,28 @@ def h(value: str) -> bytes:
     return bytes.fromhex(value)
 
 
-def vector_nodes(kind: str) -> list[tuple[str, dict[str, Any]]]:
+def pss_salt_of(public_der: bytes, signature: bytes) -> bytes:
+    """The salt of an RSA-PSS (SHA-256, 32-byte salt) signature, recovered with the public key."""
+    public = load_der_public_key(public_der)
+    assert isinstance(public, rsa.RSAPublicKey)
+    numbers = public.public_numbers()
+    em_bits = numbers.n.bit_length() - 1
+    em_len = (em_bits + 7) // 8
+    em = pow(int.from_bytes(signature, "big"), numbers.e, numbers.n).to_bytes(em_len, "big")
+    masked_db, digest = em[:-33], em[-33:-1]
+    db = bytearray(a ^ b for a, b in zip(masked_db, mgf1(digest, len(masked_db)), strict=True))
+    db[0] &= 0xFF >> (8 * em_len - em_bits)
+    return bytes(db[-32:])
+
+
+def vector_nodes(kind: str, file: str = "reference") -> list[tuple[str, dict[str, Any]]]:
     """
-    Every vector step holding ``kind`` fields, as ``(id, step)``.
+    Every vector step of one file holding ``kind`` fields, as ``(id, step)``.
 
     :param kind: ``"hello"`` (steps with a HELLO and its reply), ``"data"``
         (steps with a DATA and its reply), ``"keyreg"`` (steps with keyreg
         fields) or ``"skey"``.
+    :param file: a name of :data:`VECTOR_FILES`.
     """
     found: list[tuple[str, dict[str, Any]]] = []
 
@@ -56,13 +140,13 @@ def vector_nodes(kind: str) -> list[tuple[str, dict[str, Any]]]:
             if isinstance(child, dict) and not name.endswith("_random"):
                 walk(f"{path}/{name}", child)
 
-    for suite in SUITE_NAMES:
-        walk(suite, VECTORS[suite])
+    for suite in suite_names(file):
+        walk(suite, VECTOR_FILES[file][suite])
     return found
 
 
-def vector_fields(*names: str) -> list[bytes]:
-    """Every value of the named hex fields, across all suites and steps."""
+def vector_fields(*names: str, file: str = "reference") -> list[bytes]:
+    """Every value of the named hex fields of one file, across all suites and steps."""
     values: list[bytes] = []
 
     def walk(node: dict[str, Any]) -> None:
@@ -72,8 +156,8 @@ def vector_fields(*names: str) -> list[bytes]:
             elif name in names and isinstance(child, str):
                 values.append(h(child))
 
-    for suite in SUITE_NAMES:
-        walk(VECTORS[suite])
+    for suite in suite_names(file):
+        walk(VECTOR_FILES[file][suite])
     return values
 
 

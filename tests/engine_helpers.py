@@ -15,12 +15,22 @@ from m2mgw.protocol.engine import ModuleController
 from m2mgw.records import Module, ModuleKey
 from m2mgw.registry import all_plugins, lookup
 from m2mgw.store.memory import MemoryStore
-from tests.codec_helpers import VECTORS, h
+from tests.codec_helpers import VECTOR_FILES, VECTORS, h, pss_salt
 
 SUITES = sorted(name for name in VECTORS if not name.startswith("_"))
 ADDR = ("192.0.2.10", 40000)
-#: The gateway's random draws of a HELLO, in the order the vectors list them.
+#: The gateway's random draws of a HELLO, in the order the reference vectors list them.
 HELLO_DRAWS = ("sid", "stok", "alias", "pss_salt")
+
+
+def hello_draws(file: str = "reference") -> tuple[str, ...]:
+    """The gateway's random draws of a HELLO, in the order the vectors of ``file`` list them."""
+    return ("sid", "stok", "alias", pss_salt(file, "reply"))
+
+
+def skey_draws(file: str = "reference") -> tuple[str, ...]:
+    """The gateway's random draws of the skey step (a salt for ``rsa``)."""
+    return (pss_salt(file, "skey"),)
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -80,12 +90,15 @@ def gateway(
     keys: tuple[ModuleKey, ...] = (),
     policy: ProtocolPolicy | None = None,
     now: list[float] | None = None,
+    file: str = "reference",
 ) -> tuple[ModuleController, MemoryStore, Draws, dict[str, Any]]:
     """
     A gateway on a memory store holding the vectors' module (or ``module``)
     and server keys, whose clock reads ``now[0]`` (default: the vectors' clock).
+
+    :param file: the vectors file (a name of :data:`tests.codec_helpers.VECTOR_FILES`).
     """
-    vectors = VECTORS[suite_name]
+    vectors = VECTOR_FILES[file][suite_name]
     suite = lookup(ICipherSuite, suite_name)
     store = MemoryStore()
     result_of(store.open())
@@ -93,12 +106,12 @@ def gateway(
         module = Module(vectors["identity"], psk=h(vectors["psk"]))
     result_of(store.add_modules([module], keys))
     clock = now if now is not None else [float(vectors["clock"])]
-    keys = [server_key(suite, vectors), server_key(suite, vectors["skey"])]
+    server_keys = [server_key(suite, vectors), server_key(suite, vectors["skey"])]
     draws = Draws()
     controller = ModuleController(
         store,
         all_plugins(ICipherSuite),
-        keys,
+        server_keys,
         policy or ProtocolPolicy(),
         now=lambda: clock[0],
         random=draws,

@@ -1,7 +1,9 @@
 """
-The project's module client reproduces the independent MGP/1 vectors byte for byte.
+The project's module client reproduces the MGP/1 vectors byte for byte.
 
-For every suite, one :class:`~m2mgw.client.module.ModuleEndpoint` provisioned
+For every suite of both vectors files (the independent reference, and
+m2mgw's own in ``docs/test-vectors/``), one
+:class:`~m2mgw.client.module.ModuleEndpoint` provisioned
 with the vectors' identity, PSK and server key, on the vectors' clock, fed the
 vectors' ``module_random`` draws, runs every step in order (hello_psk, data,
 keyreg, hello_sig and its DATA, hello_sdh and its DATA, hello_keyreg, skey,
@@ -17,8 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from m2mgw.client.module import (
     KeyState,
@@ -28,11 +28,10 @@ from m2mgw.client.module import (
     ReplyOutcome,
     ServerPublicKey,
 )
-from m2mgw.crypto.rsa import mgf1
 from m2mgw.interfaces import ICipherSuite, RandomSource
 from m2mgw.protocol import cbor
 from m2mgw.protocol.bodies import AuthMethod, ConfEntry, KeyRegStatus, Payload
-from tests.codec_helpers import SUITE_NAMES, VECTORS, h
+from tests.codec_helpers import PSS_SALTS, VECTOR_FILES, file_suites, h, pss_salt, pss_salt_of
 
 #: The SenML record the vectors' reports carry (RFC 8428 CBOR labels).
 SENML = [{-2: "urn:dev:mgp1-vector:", 0: "temperature", 1: "Cel", 2: 21.5, 6: 0}]
@@ -55,20 +54,6 @@ class Draws:
         return value
 
 
-def pss_salt_of(public_der: bytes, signature: bytes) -> bytes:
-    """The salt of an RSA-PSS (SHA-256, 32-byte salt) signature, recovered with the public key."""
-    public = load_der_public_key(public_der)
-    assert isinstance(public, rsa.RSAPublicKey)
-    numbers = public.public_numbers()
-    em_bits = numbers.n.bit_length() - 1
-    em_len = (em_bits + 7) // 8
-    em = pow(int.from_bytes(signature, "big"), numbers.e, numbers.n).to_bytes(em_len, "big")
-    masked_db, digest = em[:-33], em[-33:-1]
-    db = bytearray(a ^ b for a, b in zip(masked_db, mgf1(digest, len(masked_db)), strict=True))
-    db[0] &= 0xFF >> (8 * em_len - em_bits)
-    return bytes(db[-32:])
-
-
 def server(holder: dict[str, Any], suite_name: str) -> ServerPublicKey:
     sig_public = h(holder["server_signature_public"]) if suite_name == "x25519" else None
     return ServerPublicKey(
@@ -76,13 +61,13 @@ def server(holder: dict[str, Any], suite_name: str) -> ServerPublicKey:
     )
 
 
-def vector_key_factory(suite_name: str) -> Callable[[ICipherSuite, RandomSource], Any]:
+def vector_key_factory(file: str, suite_name: str) -> Callable[[ICipherSuite, RandomSource], Any]:
     """
     RSA keys cannot be derived from draws (MGP/1 defines no derivation): hand
     out the vectors' keys in order, after taking the ``key_material`` draw.
     The other suites derive theirs with the suite's own derivation.
     """
-    vectors = VECTORS[suite_name]
+    vectors = VECTOR_FILES[file][suite_name]
     keys = [vectors["keyreg"]["private"], vectors["hello_keyreg"]["keyreg"]["private"]]
 
     def factory(suite: ICipherSuite, random: RandomSource) -> Any:
@@ -94,8 +79,8 @@ def vector_key_factory(suite_name: str) -> Callable[[ICipherSuite, RandomSource]
     return factory
 
 
-def setup(suite_name: str) -> tuple[ModuleEndpoint, Draws, dict[str, Any]]:
-    vectors = VECTORS[suite_name]
+def setup(file: str, suite_name: str) -> tuple[ModuleEndpoint, Draws, dict[str, Any]]:
+    vectors = VECTOR_FILES[file][suite_name]
     state = ModuleState(
         identity=vectors["identity"],
         suite=suite_name,
@@ -109,16 +94,16 @@ def setup(suite_name: str) -> tuple[ModuleEndpoint, Draws, dict[str, Any]]:
         state,
         random=draws,
         clock=lambda: float(vectors["clock"]),
-        key_factory=vector_key_factory(suite_name),
+        key_factory=vector_key_factory(file, suite_name),
     )
     return endpoint, draws, vectors
 
 
-def hello_draws(suite_name: str, step: dict[str, Any]) -> list[bytes]:
+def hello_draws(file: str, suite_name: str, step: dict[str, Any]) -> list[bytes]:
     drawn = step["module_random"]
     names = ["z_es", "oaep_seed", "tok"] if suite_name == "rsa" else ["ephemeral", "tok"]
     if suite_name == "rsa" and step["method"] == AuthMethod.SIG:
-        names.append("pss_salt")
+        names.append(pss_salt(file, "auth"))
     return [h(drawn[name]) for name in names]
 
 
@@ -154,16 +139,16 @@ def check_data(
     return outcome
 
 
-@pytest.mark.parametrize("suite_name", SUITE_NAMES)
-def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
-    endpoint, draws, vectors = setup(suite_name)
+@pytest.mark.parametrize(("file", "suite_name"), file_suites())
+def test_the_module_client_reproduces_every_step(file: str, suite_name: str) -> None:
+    endpoint, draws, vectors = setup(file, suite_name)
     state = endpoint.state
     clock = vectors["clock"]
     is_rsa = suite_name == "rsa"
 
     # hello_psk: PSK HELLO with SenML in pl, the identity as hint.
     step = vectors["hello_psk"]
-    draws.load(*hello_draws(suite_name, step))
+    draws.load(*hello_draws(file, suite_name, step))
     outgoing = endpoint.build_hello(Payload(data=SENML))
     assert state.last_ts == clock
     check_hello(endpoint, "hello_psk", step, outgoing)
@@ -180,7 +165,7 @@ def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
     # keyreg: DATA with KeyReg kid 1 vouched for by the PSK.
     step = vectors["keyreg"]
     drawn = step["module_random"]
-    draws.load(h(drawn["key_material"]), *([h(drawn["pss_salt"])] if is_rsa else []))
+    draws.load(h(drawn["key_material"]), *([h(drawn[pss_salt(file, "pop")])] if is_rsa else []))
     pending = endpoint.start_key_registration()
     assert (pending.kid, pending.pid, pending.proof_kid) == (1, 0, 0)
     assert pending.pub == h(step["pub"]) and pending.proof == h(step["proof"])
@@ -191,7 +176,7 @@ def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
 
     # hello_sig: the registered key 1 by default, the alias as hint; the PSK goes.
     step = vectors["hello_sig"]
-    draws.load(*hello_draws(suite_name, step))
+    draws.load(*hello_draws(file, suite_name, step))
     assert endpoint.hello_credential() == (1, AuthMethod.SIG)
     check_hello(endpoint, "hello_sig", step, endpoint.build_hello())
     assert state.keys[1].status.value == "active" and state.psk is None
@@ -201,7 +186,7 @@ def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
     # hello_sdh (EC suites): SDH with key 1.
     if "hello_sdh" in vectors:
         step = vectors["hello_sdh"]
-        draws.load(*hello_draws(suite_name, step))
+        draws.load(*hello_draws(file, suite_name, step))
         check_hello(endpoint, "hello_sdh", step, endpoint.build_hello(method=AuthMethod.SDH))
         draws.load(h(step["data"]["module_random"]["tok"]))
         check_data(
@@ -213,14 +198,17 @@ def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
     drawn = step["module_random"]
     key_draws = [h(drawn["key_material"])]
     if is_rsa:
-        # vectors.json does not list the proof's salt (drawn second): recover it.
+        # The reference does not list the proof's salt (drawn second): recover it.
         proof_salt = pss_salt_of(h(vectors["keyreg"]["pub"]), h(step["keyreg"]["proof"]))
-        key_draws += [proof_salt, h(drawn["pss_salt_2"])]
+        proof_name = PSS_SALTS[file]["hello_proof"]
+        if proof_name is not None:
+            assert h(drawn[proof_name]) == proof_salt
+        key_draws += [proof_salt, h(drawn[pss_salt(file, "hello_pop")])]
     draws.load(*key_draws)
     pending = endpoint.start_key_registration()
     assert (pending.kid, pending.proof_kid) == (2, 1)
     assert pending.pub == h(step["keyreg"]["pub"]) and pending.pop == h(step["keyreg"]["pop"])
-    draws.load(*hello_draws(suite_name, step))
+    draws.load(*hello_draws(file, suite_name, step))
     outcome = check_hello(endpoint, "hello_keyreg", step, endpoint.build_hello(include_keyreg=True))
     assert outcome.keyreg is not None and outcome.keyreg.status == KeyRegStatus.ACCEPTED
     assert state.keys[2].status == KeyState.REGISTERED
@@ -236,7 +224,7 @@ def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
 
     # hello_skey: SIG HELLO with key 1 to the announced key, confirming the skey in pl.
     step = vectors["hello_skey"]
-    draws.load(*hello_draws(suite_name, step))
+    draws.load(*hello_draws(file, suite_name, step))
     check_hello(endpoint, "hello_skey", step, endpoint.build_hello(kid=1))
     assert state.pending_confs == []
     assert draws.queue == []
@@ -244,11 +232,11 @@ def test_the_module_client_reproduces_every_step(suite_name: str) -> None:
     assert state.last_ts == cbor.decode(h(step["body"]))[3]
 
 
-@pytest.mark.parametrize("suite_name", SUITE_NAMES)
-def test_a_vector_reply_with_a_forged_signature_is_dropped(suite_name: str) -> None:
-    endpoint, draws, vectors = setup(suite_name)
+@pytest.mark.parametrize(("file", "suite_name"), file_suites())
+def test_a_vector_reply_with_a_forged_signature_is_dropped(file: str, suite_name: str) -> None:
+    endpoint, draws, vectors = setup(file, suite_name)
     step = vectors["hello_psk"]
-    draws.load(*hello_draws(suite_name, step))
+    draws.load(*hello_draws(file, suite_name, step))
     outgoing = endpoint.build_hello(Payload(data=SENML))
     # Swap in a server key the reply was not signed with: decryption still
     # works (k_hreply comes from Z_es), the signature check must fail.

@@ -1,8 +1,9 @@
 """
-The MGP/1 conformance vectors (``vectors.json``), reproduced byte for byte
-with the cipher suites and :mod:`m2mgw.protocol.keyschedule`.
+The MGP/1 conformance vectors, reproduced byte for byte with the cipher
+suites and :mod:`m2mgw.protocol.keyschedule`: the independent reference
+(``vectors.json``) and m2mgw's own (``docs/test-vectors/``).
 
-Every suite and every step of the vectors is checked, on the gateway side
+Every suite and every step of both files is checked, on the gateway side
 (``Z_es`` from the server key, decryption of the module's datagrams, the
 replies rebuilt from the same random draws) and on the module side (``epk``
 and ``Z_es`` from the scripted draws, the ``auth`` values, key registrations).
@@ -12,52 +13,35 @@ message codec's job); every TBS and info structure is rebuilt from its parts.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from m2mgw.crypto.primitives import load_private_key, pkcs8_pem
 from m2mgw.crypto.randomness import ScriptedRandom
-from m2mgw.crypto.rsa import mgf1
 from m2mgw.interfaces import ICipherSuite
 from m2mgw.protocol import keyschedule as ks
 from m2mgw.protocol.cbor import decode, encode
 from m2mgw.registry import lookup
-
-_REPO = Path(__file__).resolve().parents[1]
-_CANDIDATES = [
-    Path(os.environ.get("MGP1_VECTORS", "/nonexistent")),
-    _REPO / "docs" / "spec" / "vectors.json",
-    _REPO.parent / "shared" / "spec" / "vectors.json",
-]
-
-
-def _load_vectors() -> dict[str, Any]:
-    for path in _CANDIDATES:
-        if path.is_file():
-            return dict(json.loads(path.read_text()))
-    raise FileNotFoundError(f"MGP/1 vectors.json not found in {[str(p) for p in _CANDIDATES]}")
-
-
-VECTORS = _load_vectors()
-SUITE_NAMES = [name for name in VECTORS if not name.startswith("_")]
-
-
-def h(value: str) -> bytes:
-    return bytes.fromhex(value)
-
+from tests.codec_helpers import (
+    FILES,
+    PSS_SALTS,
+    VECTOR_FILES,
+    file_suites,
+    h,
+    pss_salt,
+    pss_salt_of,
+    suite_names,
+)
 
 # -- the steps of the vectors, found by walking them ------------------------------------
 
 
-def _steps(suite_name: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """``(kind, path, step)`` for every step of one suite; unknown steps fail."""
-    for name, step in VECTORS[suite_name].items():
+def _steps(file: str, suite_name: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(kind, path, step)`` for every step of one suite of ``file``; unknown steps fail."""
+    for name, step in VECTOR_FILES[file][suite_name].items():
         if not isinstance(step, dict):
             continue
         if name.startswith("hello_"):
@@ -81,15 +65,16 @@ def _steps(suite_name: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
 
 def _cases(kind: str) -> list[Any]:
     return [
-        pytest.param(suite_name, path, id=f"{suite_name}-{path}")
-        for suite_name in SUITE_NAMES
-        for step_kind, path, _ in _steps(suite_name)
+        pytest.param(file, suite_name, path, id=f"{file}-{suite_name}-{path}")
+        for file in FILES
+        for suite_name in suite_names(file)
+        for step_kind, path, _ in _steps(file, suite_name)
         if step_kind == kind
     ]
 
 
-def _step(suite_name: str, path: str) -> dict[str, Any]:
-    node: dict[str, Any] = VECTORS[suite_name]
+def _step(file: str, suite_name: str, path: str) -> dict[str, Any]:
+    node: dict[str, Any] = VECTOR_FILES[file][suite_name]
     for part in path.split("/"):
         node = node[part]
     return node
@@ -112,10 +97,10 @@ def _server_key(suite: Any, holder: dict[str, Any]) -> Any:
     return suite.load_server_key(agreement)
 
 
-def _hello_server(suite_name: str, path: str) -> dict[str, Any]:
+def _hello_server(file: str, suite_name: str, path: str) -> dict[str, Any]:
     """The holder of the server key a HELLO step is addressed to (the setup or the skey one)."""
-    vectors = VECTORS[suite_name]
-    skid = decode(h(_step(suite_name, path)["datagram"]))[4]
+    vectors = VECTOR_FILES[file][suite_name]
+    skid = decode(h(_step(file, suite_name, path)["datagram"]))[4]
     holder: dict[str, Any]
     for holder in (vectors, vectors["skey"]):
         if holder["skid"] == skid:
@@ -123,8 +108,8 @@ def _hello_server(suite_name: str, path: str) -> dict[str, Any]:
     raise AssertionError(f"no server key with skid {skid}")
 
 
-def _module_key(suite: Any, kid: int) -> Any:
-    vectors = VECTORS[suite.name]
+def _module_key(file: str, suite: Any, kid: int) -> Any:
+    vectors = VECTOR_FILES[file][suite.name]
     holder = vectors["keyreg"] if kid == 1 else vectors["hello_keyreg"]["keyreg"]
     assert holder["kid"] == kid
     return suite.load_signing_key(h(holder["private"]))
@@ -136,26 +121,10 @@ def _salt(step: dict[str, Any], name: str, side: str = "module_random") -> Scrip
     return ScriptedRandom([h(draws[name])]) if name in draws else None
 
 
-def _pss_salt_of(public_der: bytes, signature: bytes) -> bytes:
-    """Recover the salt of an RSA-PSS (SHA-256, 32-byte salt) signature with the public key."""
-    from cryptography.hazmat.primitives.serialization import load_der_public_key
-
-    public = load_der_public_key(public_der)
-    assert isinstance(public, rsa.RSAPublicKey)
-    numbers = public.public_numbers()
-    em_bits = numbers.n.bit_length() - 1
-    em_len = (em_bits + 7) // 8
-    em = pow(int.from_bytes(signature, "big"), numbers.e, numbers.n).to_bytes(em_len, "big")
-    masked_db, digest = em[:-33], em[-33:-1]
-    db = bytearray(a ^ b for a, b in zip(masked_db, mgf1(digest, len(masked_db)), strict=True))
-    db[0] &= 0xFF >> (8 * em_len - em_bits)
-    return bytes(db[-32:])
-
-
-def _session(suite_name: str, sid: bytes) -> tuple[Any, dict[str, Any]]:
+def _session(file: str, suite_name: str, sid: bytes) -> tuple[Any, dict[str, Any]]:
     """The session keys and HELLO step of the session named ``sid``."""
     suite = _suite(suite_name)
-    for kind, _, step in _steps(suite_name):
+    for kind, _, step in _steps(file, suite_name):
         if kind == "hello" and h(step["sid"]) == sid:
             kid = decode(h(step["body"]))[2]
             keys = ks.session_keys(
@@ -163,7 +132,7 @@ def _session(suite_name: str, sid: bytes) -> tuple[Any, dict[str, Any]]:
                 h(step["z_es"]),
                 h(step["stok"]),
                 sid,
-                VECTORS[suite_name]["identity"],
+                VECTOR_FILES[file][suite_name]["identity"],
                 kid,
             )
             return keys, step
@@ -173,10 +142,10 @@ def _session(suite_name: str, sid: bytes) -> tuple[Any, dict[str, Any]]:
 # -- setup -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suite_name", SUITE_NAMES)
-def test_server_keys_match_the_vectors(suite_name: str) -> None:
+@pytest.mark.parametrize(("file", "suite_name"), file_suites())
+def test_server_keys_match_the_vectors(file: str, suite_name: str) -> None:
     suite = _suite(suite_name)
-    vectors = VECTORS[suite_name]
+    vectors = VECTOR_FILES[file][suite_name]
     for holder in (vectors, vectors["skey"]):
         public, sig_public = suite.server_public(_server_key(suite, holder))
         assert public == h(holder["server_agreement_public"])
@@ -186,22 +155,25 @@ def test_server_keys_match_the_vectors(suite_name: str) -> None:
     assert vectors["nonce_len"] == suite.nonce_len
 
 
-def test_every_suite_has_vectors() -> None:
-    assert sorted(SUITE_NAMES) == ["p256", "p256-ccm8", "p384", "rsa", "x25519"]
+@pytest.mark.parametrize("file", FILES)
+def test_every_suite_has_vectors(file: str) -> None:
+    assert sorted(suite_names(file)) == ["p256", "p256-ccm8", "p384", "rsa", "x25519"]
 
 
 # -- HELLO and HELLO_REPLY -------------------------------------------------------------------
 
 
-def _hello_case(suite_name: str, path: str) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
+def _hello_case(
+    file: str, suite_name: str, path: str
+) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
     """``(suite, the suite's vectors, the HELLO step, the holder of its server key)``."""
-    step, holder = _step(suite_name, path), _hello_server(suite_name, path)
-    return _suite(suite_name), VECTORS[suite_name], step, holder
+    step, holder = _step(file, suite_name, path), _hello_server(file, suite_name, path)
+    return _suite(suite_name), VECTOR_FILES[file][suite_name], step, holder
 
 
-@pytest.mark.parametrize(("suite_name", "path"), _cases("hello"))
-def test_hello_gateway_side(suite_name: str, path: str) -> None:
-    suite, vectors, step, holder = _hello_case(suite_name, path)
+@pytest.mark.parametrize(("file", "suite_name", "path"), _cases("hello"))
+def test_hello_gateway_side(file: str, suite_name: str, path: str) -> None:
+    suite, vectors, step, holder = _hello_case(file, suite_name, path)
     server_key = _server_key(suite, holder)
     epk = h(step["epk"])
 
@@ -226,13 +198,13 @@ def test_hello_gateway_side(suite_name: str, path: str) -> None:
     kid = decode(body)[2]
 
     if method == 1:
-        suite.verify(suite.signing_public(_module_key(suite, kid)), auth_value, tbs)
+        suite.verify(suite.signing_public(_module_key(file, suite, kid)), auth_value, tbs)
     elif method == 2:
         psk = h(vectors["psk"])
         assert ks.psk_key(psk, epk) == h(step["k_psk"])
         assert ks.verify_mac(ks.psk_mac(psk, epk, tbs), auth_value)
     else:
-        module_public = suite.signing_public(_module_key(suite, kid))
+        module_public = suite.signing_public(_module_key(file, suite, kid))
         z_ss = suite.static_agree(server_key, module_public)
         assert z_ss == h(step["z_ss"])
         assert ks.sdh_key(suite, z_ss, epk) == h(step["k_sdh"])
@@ -247,7 +219,7 @@ def test_hello_gateway_side(suite_name: str, path: str) -> None:
     reply_body = h(step["reply_body"])
     reply_tbs = ks.reply_tbs(aad, reply_aad, reply_body)
     assert reply_tbs == h(step["reply_tbs"])
-    salt = _salt(step, "pss_salt", "gateway_random")
+    salt = _salt(step, pss_salt(file, "reply"), "gateway_random")
     sig = suite.sign(server_key, reply_tbs, salt)
     assert sig == h(step["sig"])
     if salt is not None:
@@ -266,9 +238,9 @@ def test_hello_gateway_side(suite_name: str, path: str) -> None:
     assert session.k_down == h(step["k_down"])
 
 
-@pytest.mark.parametrize(("suite_name", "path"), _cases("hello"))
-def test_hello_module_side(suite_name: str, path: str) -> None:
-    suite, vectors, step, holder = _hello_case(suite_name, path)
+@pytest.mark.parametrize(("file", "suite_name", "path"), _cases("hello"))
+def test_hello_module_side(file: str, suite_name: str, path: str) -> None:
+    suite, vectors, step, holder = _hello_case(file, suite_name, path)
     drawn = step["module_random"]
     names = ["z_es", "oaep_seed"] if suite.name == "rsa" else ["ephemeral"]
     random = ScriptedRandom([h(drawn[name]) for name in names])
@@ -287,12 +259,14 @@ def test_hello_module_side(suite_name: str, path: str) -> None:
     tbs = ks.hello_auth_tbs(h(step["aad"]), h(step["body"]))
     kid = decode(h(step["body"]))[2]
     if step["method"] == 1:
-        salt = _salt(step, "pss_salt")
-        assert suite.sign(_module_key(suite, kid), tbs, salt) == h(step["auth_value"])
+        salt = _salt(step, pss_salt(file, "auth"))
+        assert suite.sign(_module_key(file, suite, kid), tbs, salt) == h(step["auth_value"])
     elif step["method"] == 2:
         assert ks.psk_mac(h(vectors["psk"]), epk, tbs) == h(step["auth_value"])
     else:
-        z_ss = suite.static_agree(_module_key(suite, kid), h(holder["server_agreement_public"]))
+        z_ss = suite.static_agree(
+            _module_key(file, suite, kid), h(holder["server_agreement_public"])
+        )
         assert z_ss == h(step["z_ss"])
         assert ks.sdh_mac(suite, z_ss, epk, tbs) == h(step["auth_value"])
 
@@ -315,12 +289,12 @@ def test_hello_module_side(suite_name: str, path: str) -> None:
 # -- DATA and DATA_REPLY ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("suite_name", "path"), _cases("data"))
-def test_data_exchange(suite_name: str, path: str) -> None:
+@pytest.mark.parametrize(("file", "suite_name", "path"), _cases("data"))
+def test_data_exchange(file: str, suite_name: str, path: str) -> None:
     suite = _suite(suite_name)
-    step = _step(suite_name, path)
+    step = _step(file, suite_name, path)
     datagram = decode(h(step["datagram"]))
-    session, _ = _session(suite_name, datagram[2])
+    session, _ = _session(file, suite_name, datagram[2])
     nonce = ks.nonce_for_ctr(suite, step["ctr"])
     assert nonce == h(step["nonce"])
     assert datagram[3] == step["ctr"]
@@ -342,14 +316,14 @@ def test_data_exchange(suite_name: str, path: str) -> None:
 # -- key registration --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("suite_name", "path"), _cases("keyreg"))
-def test_keyreg(suite_name: str, path: str) -> None:
+@pytest.mark.parametrize(("file", "suite_name", "path"), _cases("keyreg"))
+def test_keyreg(file: str, suite_name: str, path: str) -> None:
     suite = _suite(suite_name)
-    vectors = VECTORS[suite_name]
+    vectors = VECTOR_FILES[file][suite_name]
     identity = vectors["identity"]
-    step = _step(suite_name, path)
+    step = _step(file, suite_name, path)
     in_hello = path.startswith("hello_")
-    carrier = _step(suite_name, path.split("/")[0])
+    carrier = _step(file, suite_name, path.split("/")[0])
     drawn = carrier["module_random"]
 
     private = suite.load_signing_key(h(step["private"]))
@@ -376,20 +350,23 @@ def test_keyreg(suite_name: str, path: str) -> None:
 
     if in_hello:
         # Vouched for by the HELLO's key (kid 1).
-        previous = _module_key(suite, kid - 1)
+        previous = _module_key(file, suite, kid - 1)
         suite.verify(suite.signing_public(previous), h(step["proof"]), tbs_k)
         salt = None
         if suite.name == "rsa":
-            # vectors.json lists no draw for this salt (see the report): recover it.
-            recovered = _pss_salt_of(suite.signing_public(previous), h(step["proof"]))
+            # The reference lists no draw for this salt (see the report): recover it.
+            recovered = pss_salt_of(suite.signing_public(previous), h(step["proof"]))
+            listed = PSS_SALTS[file]["hello_proof"]
+            if listed is not None:
+                assert h(drawn[listed]) == recovered
             salt = ScriptedRandom([recovered])
         assert suite.sign(previous, tbs_k, salt) == h(step["proof"])
-        pop_salt = _salt(carrier, "pss_salt_2")
+        pop_salt = _salt(carrier, pss_salt(file, "hello_pop"))
     else:
         psk = h(vectors["psk"])
         assert ks.psk_keyreg_key(psk, identity) == h(step["k_psk_keyreg"])
         assert ks.verify_mac(ks.psk_keyreg_proof(psk, identity, tbs_k), h(step["proof"]))
-        pop_salt = _salt(carrier, "pss_salt")
+        pop_salt = _salt(carrier, pss_salt(file, "pop"))
 
     suite.verify(pub, h(step["pop"]), tbs_k)
     assert suite.sign(private, tbs_k, pop_salt) == h(step["pop"])
@@ -401,24 +378,24 @@ def test_rsa_hello_keyreg_salt_naming() -> None:
     is the salt of the HELLO's SIG auth (drawn last), and the salt of the
     KeyReg proof (drawn second) is missing from the list.
     """
-    step = VECTORS["rsa"]["hello_keyreg"]
-    module_public = h(VECTORS["rsa"]["keyreg"]["pub"])
+    step = VECTOR_FILES["reference"]["rsa"]["hello_keyreg"]
+    module_public = h(VECTOR_FILES["reference"]["rsa"]["keyreg"]["pub"])
     drawn = step["module_random"]
-    assert _pss_salt_of(module_public, h(step["auth_value"])) == h(drawn["pss_salt"])
-    proof_salt = _pss_salt_of(module_public, h(step["keyreg"]["proof"]))
+    assert pss_salt_of(module_public, h(step["auth_value"])) == h(drawn["pss_salt"])
+    proof_salt = pss_salt_of(module_public, h(step["keyreg"]["proof"]))
     assert proof_salt not in {h(value) for value in drawn.values()}
     new_public = h(step["keyreg"]["pub"])
-    assert _pss_salt_of(new_public, h(step["keyreg"]["pop"])) == h(drawn["pss_salt_2"])
+    assert pss_salt_of(new_public, h(step["keyreg"]["pop"])) == h(drawn["pss_salt_2"])
 
 
 # -- server key announcement ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("suite_name", "path"), _cases("skey"))
-def test_skey(suite_name: str, path: str) -> None:
+@pytest.mark.parametrize(("file", "suite_name", "path"), _cases("skey"))
+def test_skey(file: str, suite_name: str, path: str) -> None:
     suite = _suite(suite_name)
-    vectors = VECTORS[suite_name]
-    step = _step(suite_name, path)
+    vectors = VECTOR_FILES[file][suite_name]
+    step = _step(file, suite_name, path)
     announced = _server_key(suite, step)
     pub, sig_pub = suite.server_public(announced)
     assert step["suite"] == suite.name
@@ -426,7 +403,7 @@ def test_skey(suite_name: str, path: str) -> None:
 
     tbs = ks.skey_tbs(step["skid"], suite.name, pub, sig_pub)
     assert tbs == h(step["skey_tbs"])
-    salt = _salt(step, "pss_salt", "gateway_random")
+    salt = _salt(step, pss_salt(file, "skey"), "gateway_random")
     sig = suite.sign(_server_key(suite, vectors), tbs, salt)
     assert sig == h(step["skey_sig"])
     suite.verify(h(vectors["server_signature_public"]), sig, tbs)

@@ -1,9 +1,11 @@
 """
-The gateway side of MGP/1 reproduces the independent vectors byte for byte.
+The gateway side of MGP/1 reproduces the vectors byte for byte.
 
-For every suite, one gateway (memory store, the vectors' server keys, fixed
-clock, the vectors' gateway randomness) is fed the module's datagrams of every
-step in order, and must answer with exactly the vectors' reply datagrams.
+For every suite of both vectors files (the independent reference, and
+m2mgw's own in ``docs/test-vectors/``), one gateway (memory store, the
+vectors' server keys, fixed clock, the vectors' gateway randomness) is fed the
+module's datagrams of every step in order, and must answer with exactly the
+vectors' reply datagrams.
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ from m2mgw.protocol.bodies import KIND_SKEY, instruction_wire_size
 from m2mgw.protocol.drops import DropReason
 from m2mgw.records import InstructionState, KeyStatus, NewInstruction
 from m2mgw.registry import lookup
-from tests.codec_helpers import h
-from tests.engine_helpers import HELLO_DRAWS, SUITES, exchange, gateway, result_of, server_key
+from tests.codec_helpers import file_suites, h
+from tests.engine_helpers import (
+    exchange,
+    gateway,
+    hello_draws,
+    result_of,
+    server_key,
+    skey_draws,
+)
 
 
-@pytest.mark.parametrize("suite_name", SUITES)
-def test_every_step_reproduces_the_vector_reply(suite_name: str) -> None:
-    controller, store, draws, vectors = gateway(suite_name)
+@pytest.mark.parametrize(("file", "suite_name"), file_suites())
+def test_every_step_reproduces_the_vector_reply(file: str, suite_name: str) -> None:
+    controller, store, draws, vectors = gateway(suite_name, file=file)
     module_id = vectors["identity"]
+    hello_order = hello_draws(file)
 
     steps: list[tuple[str, dict[str, Any]]] = [
         ("hello_psk", vectors["hello_psk"]),
@@ -41,7 +51,7 @@ def test_every_step_reproduces_the_vector_reply(suite_name: str) -> None:
         ]
     steps.append(("hello_keyreg", vectors["hello_keyreg"]))
     for name, step in steps:
-        draws.load(step, HELLO_DRAWS)
+        draws.load(step, hello_order)
         assert exchange(controller, step) == h(step["reply"]), name
         assert draws.queue == [], name
 
@@ -68,11 +78,11 @@ def test_every_step_reproduces_the_vector_reply(suite_name: str) -> None:
         )
     )
     assert queued.iid == 1
-    draws.load(skey, ("pss_salt",))
+    draws.load(skey, skey_draws(file))
     assert exchange(controller, skey) == h(skey["reply"])
 
     hello_skey = vectors["hello_skey"]
-    draws.load(hello_skey, HELLO_DRAWS)
+    draws.load(hello_skey, hello_order)
     assert exchange(controller, hello_skey) == h(hello_skey["reply"])
     confirmed = result_of(store.get_instruction(module_id, 1))
     assert confirmed.state == InstructionState.CONFIRMED
@@ -84,11 +94,11 @@ def test_every_step_reproduces_the_vector_reply(suite_name: str) -> None:
     assert controller.drops.total == 0
 
 
-@pytest.mark.parametrize("suite_name", SUITES)
-def test_replayed_and_retransmitted_datagrams(suite_name: str) -> None:
-    controller, store, draws, vectors = gateway(suite_name)
+@pytest.mark.parametrize(("file", "suite_name"), file_suites())
+def test_replayed_and_retransmitted_datagrams(file: str, suite_name: str) -> None:
+    controller, store, draws, vectors = gateway(suite_name, file=file)
     hello = vectors["hello_psk"]
-    draws.load(hello, HELLO_DRAWS)
+    draws.load(hello, hello_draws(file))
     first = exchange(controller, hello)
     assert first == h(hello["reply"])
     # A byte-identical copy is answered from the cache, with no new draw.
@@ -104,6 +114,6 @@ def test_replayed_and_retransmitted_datagrams(suite_name: str) -> None:
     assert exchange(controller, data) is None
     assert controller.drops.by_reason[DropReason.REPLAY.value] == 1
     # And so is the HELLO (its ts is no longer fresh).
-    draws.load(hello, HELLO_DRAWS)
+    draws.load(hello, hello_draws(file))
     assert exchange(controller, hello) is None
     assert controller.drops.by_reason[DropReason.STALE_TS.value] == 1

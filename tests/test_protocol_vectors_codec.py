@@ -1,7 +1,8 @@
 """
 The MGP/1 conformance vectors, byte for byte, at the codec level.
 
-For every suite and step of ``vectors.json``: the envelopes parse, give the
+For every suite and step of both vectors files (the independent reference
+``vectors.json`` and m2mgw's own in ``docs/test-vectors/``): the envelopes parse, give the
 vector's AAD and re-encode to the same bytes; the plaintexts parse; and the
 module-side and gateway-side builders, fed the values the vectors list (the
 identity, the clock, the random draws, the signatures), rebuild every body,
@@ -50,36 +51,42 @@ from m2mgw.protocol.messages import (
     parse_reply,
     parse_request,
 )
-from tests.codec_helpers import SUITE_NAMES, VECTORS, h, vector_fields, vector_nodes
+from tests.codec_helpers import FILES, VECTOR_FILES, h, suite_names, vector_fields, vector_nodes
 
 #: The SenML record every vector report carries (RFC 8428 CBOR labels: -2 bn, 0 n, 1 u, 2 v, 6 t).
 SENML = [{-2: "urn:dev:mgp1-vector:", 0: "temperature", 1: "Cel", 2: 21.5, 6: 0}]
 
 
-def _suite(path: str) -> dict[str, Any]:
-    return dict(VECTORS[path.split("/")[0]])
+def _suite(file: str, path: str) -> dict[str, Any]:
+    return dict(VECTOR_FILES[file][path.split("/")[0]])
 
 
-def _tag_len(path: str) -> int:
-    return 8 if _suite(path)["suite"] == "p256-ccm8" else 16
+def _tag_len(file: str, path: str) -> int:
+    return 8 if _suite(file, path)["suite"] == "p256-ccm8" else 16
 
 
-def _ids(nodes: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    return [path for path, _ in nodes]
+def _nodes(kind: str) -> list[Any]:
+    """``(file, path, step)`` for every ``kind`` step of every vectors file."""
+    return [
+        pytest.param(file, path, step, id=f"{file}-{path}")
+        for file in FILES
+        for path, step in vector_nodes(kind, file)
+    ]
 
 
-HELLOS = vector_nodes("hello")
-DATAS = vector_nodes("data")
-SKEYS = vector_nodes("skey")
+HELLOS = _nodes("hello")
+DATAS = _nodes("data")
+SKEYS = _nodes("skey")
 
 
-def test_the_vectors_are_all_there() -> None:
-    assert SUITE_NAMES == ["p256", "p256-ccm8", "p384", "x25519", "rsa"]
+@pytest.mark.parametrize("file", FILES)
+def test_the_vectors_are_all_there(file: str) -> None:
+    assert suite_names(file) == ["p256", "p256-ccm8", "p384", "x25519", "rsa"]
     # hello_psk, hello_sig, hello_keyreg, hello_skey, and hello_sdh in the 3 EC suites
-    assert len(HELLOS) == 5 * 4 + 3
+    assert len(vector_nodes("hello", file)) == 5 * 4 + 3
     # data, keyreg, skey, the DATA after hello_sig, and after hello_sdh in the EC suites
-    assert len(DATAS) == 5 * 4 + 3
-    assert len(SKEYS) == 5
+    assert len(vector_nodes("data", file)) == 5 * 4 + 3
+    assert len(vector_nodes("skey", file)) == 5
 
 
 CBOR_FIELDS = (
@@ -100,8 +107,9 @@ CBOR_FIELDS = (
 )
 
 
-def test_every_cbor_field_of_the_vectors_is_deterministic() -> None:
-    values = vector_fields(*CBOR_FIELDS)
+@pytest.mark.parametrize("file", FILES)
+def test_every_cbor_field_of_the_vectors_is_deterministic(file: str) -> None:
+    values = vector_fields(*CBOR_FIELDS, file=file)
     assert len(values) > 300
     for value in values:
         assert cbor.encode(decode_deterministic(value)) == value
@@ -110,7 +118,7 @@ def test_every_cbor_field_of_the_vectors_is_deterministic() -> None:
 # --- HELLO and HELLO_REPLY ------------------------------------------------------------
 
 
-def _hello_payload(path: str, step: dict[str, Any]) -> Payload | None:
+def _hello_payload(file: str, path: str, step: dict[str, Any]) -> Payload | None:
     name = path.split("/")[-1]
     if name == "hello_psk":
         return Payload(data=SENML)
@@ -120,20 +128,20 @@ def _hello_payload(path: str, step: dict[str, Any]) -> Payload | None:
             keyreg=KeyReg(
                 kid=keyreg["kid"],
                 pub=h(keyreg["pub"]),
-                suite=_suite(path)["suite"],
+                suite=_suite(file, path)["suite"],
                 pid=0,
                 proof=h(keyreg["proof"]),
                 pop=h(keyreg["pop"]),
             )
         )
     if name == "hello_skey":
-        return Payload(conf=(ConfEntry(1, 0, _suite(path)["clock"]),))
+        return Payload(conf=(ConfEntry(1, 0, _suite(file, path)["clock"]),))
     return None
 
 
-@pytest.mark.parametrize(("path", "step"), HELLOS, ids=_ids(HELLOS))
-def test_hello(path: str, step: dict[str, Any]) -> None:
-    suite = _suite(path)
+@pytest.mark.parametrize(("file", "path", "step"), HELLOS)
+def test_hello(file: str, path: str, step: dict[str, Any]) -> None:
+    suite = _suite(file, path)
     datagram = h(step["datagram"])
     hello = parse_request(datagram)
     assert isinstance(hello, Hello)
@@ -157,7 +165,7 @@ def test_hello(path: str, step: dict[str, Any]) -> None:
         kid=0 if method == AuthMethod.PSK else 1,
         ts=body.ts,
         tok=h(step["module_random"]["tok"]),
-        pl=_hello_payload(path, step),
+        pl=_hello_payload(file, path, step),
     )
     assert rebuilt == body
     assert rebuilt.encode() == h(step["body"])
@@ -166,9 +174,9 @@ def test_hello(path: str, step: dict[str, Any]) -> None:
     )
 
 
-@pytest.mark.parametrize(("path", "step"), HELLOS, ids=_ids(HELLOS))
-def test_hello_reply(path: str, step: dict[str, Any]) -> None:
-    suite = _suite(path)
+@pytest.mark.parametrize(("file", "path", "step"), HELLOS)
+def test_hello_reply(file: str, path: str, step: dict[str, Any]) -> None:
+    suite = _suite(file, path)
     reply_datagram = h(step["reply"])
     reply = parse_reply(reply_datagram)
     assert isinstance(reply, HelloReply)
@@ -197,31 +205,34 @@ def test_hello_reply(path: str, step: dict[str, Any]) -> None:
     assert body.encode() == h(step["reply_body"])
     plaintext = build_hello_reply_plaintext(body.encode(), h(step["sig"]))
     assert plaintext == h(step["reply_plaintext"])
-    assert len(reply.ct) == len(plaintext) + _tag_len(path)
-    frame = ReplyFrame.hello_reply(reply.sid, tag_len=_tag_len(path), sig_len=len(h(step["sig"])))
+    assert len(reply.ct) == len(plaintext) + _tag_len(file, path)
+    frame = ReplyFrame.hello_reply(
+        reply.sid, tag_len=_tag_len(file, path), sig_len=len(h(step["sig"]))
+    )
     assert reply_datagram_size(body, frame) == len(reply_datagram)
 
 
-def test_the_hello_hints_follow_the_aliases() -> None:
+@pytest.mark.parametrize("file", FILES)
+def test_the_hello_hints_follow_the_aliases(file: str) -> None:
     # aliases on: each HELLO after the first uses the alias of the reply before it
-    for suite in SUITE_NAMES:
-        steps = [step for path, step in HELLOS if path.startswith(f"{suite}/")]
+    for suite in suite_names(file):
+        steps = [step for path, step in vector_nodes("hello", file) if path.startswith(f"{suite}/")]
         hints = [parse_request(h(step["datagram"])).hint for step in steps]  # type: ignore[union-attr]
         aliases = [h(step["gateway_random"]["alias"]) for step in steps]
-        assert hints[0] == VECTORS[suite]["identity"]
+        assert hints[0] == VECTOR_FILES[file][suite]["identity"]
         assert hints[1:] == aliases[:-1]
 
 
 # --- DATA and DATA_REPLY ------------------------------------------------------------------
 
 
-def _data_payload(path: str, step: dict[str, Any]) -> Payload:
+def _data_payload(file: str, path: str, step: dict[str, Any]) -> Payload:
     if "pop" in step:
         return Payload(
             keyreg=KeyReg(
                 kid=step["kid"],
                 pub=h(step["pub"]),
-                suite=_suite(path)["suite"],
+                suite=_suite(file, path)["suite"],
                 pid=0,
                 proof=h(step["proof"]),
                 pop=h(step["pop"]),
@@ -244,9 +255,9 @@ def _skey_instruction(path: str, step: dict[str, Any]) -> InstructionItem:
     return InstructionItem(1, "skey", body.to_cbor())
 
 
-@pytest.mark.parametrize(("path", "step"), DATAS, ids=_ids(DATAS))
-def test_data(path: str, step: dict[str, Any]) -> None:
-    suite = _suite(path)
+@pytest.mark.parametrize(("file", "path", "step"), DATAS)
+def test_data(file: str, path: str, step: dict[str, Any]) -> None:
+    suite = _suite(file, path)
     datagram = h(step["datagram"])
     data = parse_request(datagram)
     assert isinstance(data, Data)
@@ -257,16 +268,16 @@ def test_data(path: str, step: dict[str, Any]) -> None:
     body = parse_data_body(h(step["body"]))
     assert body.encode() == h(step["body"])
     rebuilt = DataBody(
-        ts=suite["clock"], tok=h(step["module_random"]["tok"]), pl=_data_payload(path, step)
+        ts=suite["clock"], tok=h(step["module_random"]["tok"]), pl=_data_payload(file, path, step)
     )
     assert rebuilt == body
     assert rebuilt.encode() == h(step["body"])
     assert body.pl is not None and body.pl.errors == ()
 
 
-@pytest.mark.parametrize(("path", "step"), DATAS, ids=_ids(DATAS))
-def test_data_reply(path: str, step: dict[str, Any]) -> None:
-    suite = _suite(path)
+@pytest.mark.parametrize(("file", "path", "step"), DATAS)
+def test_data_reply(file: str, path: str, step: dict[str, Any]) -> None:
+    suite = _suite(file, path)
     data = parse_request(h(step["datagram"]))
     assert isinstance(data, Data)
     reply_datagram = h(step["reply"])
@@ -291,29 +302,30 @@ def test_data_reply(path: str, step: dict[str, Any]) -> None:
     )
     assert body == parsed
     assert body.encode() == h(step["reply_body"])
-    assert len(reply.ct) == len(body.encode()) + _tag_len(path)
-    frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=_tag_len(path))
+    assert len(reply.ct) == len(body.encode()) + _tag_len(file, path)
+    frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=_tag_len(file, path))
     assert reply_datagram_size(body, frame) == len(reply_datagram)
 
 
-@pytest.mark.parametrize(("path", "step"), SKEYS, ids=_ids(SKEYS))
-def test_skey_instruction(path: str, step: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("file", "path", "step"), SKEYS)
+def test_skey_instruction(file: str, path: str, step: dict[str, Any]) -> None:
     item = _skey_instruction(path, step)
     assert item.encode() == h(step["instruction"])
     assert item.encoded_size() == len(h(step["instruction"]))
     parsed = parse_reply_body(h(step["reply_body"])).ins
     assert parsed == (item,)
     skey = parse_skey_body(parsed[0].body)
-    assert skey.skid == _suite(path)["skid"] + 100
+    assert skey.skid == _suite(file, path)["skid"] + 100
     assert (skey.sig_pub is not None) == (step["suite"] == "x25519")
     # The instruction fits the budget of the reply that carried it.
     data = parse_request(h(step["datagram"]))
     assert isinstance(data, Data)
-    frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=_tag_len(path))
+    frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=_tag_len(file, path))
     without = ReplyBody(ack=h(step["module_random"]["tok"]))
     assert item.encoded_size() <= ins_budget(without, frame, DEFAULT_MAX_DATAGRAM)
 
 
-def test_every_vector_datagram_parses() -> None:
-    for datagram in vector_fields("datagram", "reply"):
+@pytest.mark.parametrize("file", FILES)
+def test_every_vector_datagram_parses(file: str) -> None:
+    for datagram in vector_fields("datagram", "reply", file=file):
         assert parse_datagram(datagram).encode() == datagram
