@@ -12,12 +12,19 @@ result into services.
 Sections (``etc/m2mgw.conf`` documents every key)::
 
     [gateway]        data_dir, node_name, suites
-    [modules]        address, port, max_datagram          (UDP, MGP/1)
+    [modules]        address, port, max_datagram,         (UDP, MGP/1)
+                     poll_apps_ms
     [apps]           address, port, key_type, rsa_bits,   (mutual TLS, JSON lines)
-                     idle_timeout, max_line
+                     idle_timeout, max_line, ping_interval,
+                     max_unacked, event_poll_interval,
+                     permissions, retention_events, retention_age
+    [app.NAME]       permissions, hours, networks,        (one application)
+                     retention_events, retention_age
     [store]          backend
     [store.NAME]     the options of store plugin NAME
     [protocol]       MGP/1 policy
+    [params.NAME]    a parameter set for new module keys (MGP/1 §9)
+    [rotation]       key rotation policy; [rotation.GROUP] per module group
     [jobs]           expiry_interval, housekeeping_interval
     [source.NAME]    enables instruction source plugin NAME, with its options
 """
@@ -37,10 +44,21 @@ from types import MappingProxyType
 from typing import Any
 
 from m2mgw import registry
-from m2mgw.errors import ConfigError
+from m2mgw.apps.policy import (
+    DEFAULT_PERMISSIONS,
+    DEFAULT_RETENTION_AGE,
+    DEFAULT_RETENTION_EVENTS,
+    AppPolicies,
+    AppPolicy,
+    parse_hours,
+    parse_networks,
+    parse_permissions,
+)
+from m2mgw.errors import BadParameters, ConfigError
 from m2mgw.interfaces import ICipherSuite, IInstructionSourceFactory, IModuleStoreFactory
+from m2mgw.keys.params import ParameterSet, builtin_set, complete_sets
 from m2mgw.modules.udp import MAX_RECEIVED_DATAGRAM
-from m2mgw.tls import TLS_KEY_TYPES
+from m2mgw.tls import TLS_KEY_TYPES, is_valid_app_name
 
 #: The file :func:`load_config` reads when no path is given, if it exists
 #: (relative to the current directory).
@@ -69,11 +87,15 @@ class ModuleListenerConfig:
     :ivar address: the IP address to bind (``""``: every interface).
     :ivar port: the UDP port (0: any free port, for tests).
     :ivar max_datagram: the largest datagram the gateway sends (MGP/1 §1).
+    :ivar poll_apps_ms: when a module wakes with nothing queued, ask its
+        connected applications for an instruction and wait this many
+        milliseconds for one before replying (0: never ask).
     """
 
     address: str = ""
     port: int = 5740
     max_datagram: int = 1232
+    poll_apps_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,17 @@ class AppListenerConfig:
     :ivar idle_timeout: seconds of silence after which a connection is
         closed (0: never).
     :ivar max_line: the longest request line accepted, in bytes.
+    :ivar ping_interval: seconds without sending anything after which the
+        gateway sends a ``ping`` event.
+    :ivar max_unacked: the most events sent to a connection beyond the
+        application's acknowledged position.
+    :ivar event_poll_interval: seconds between checks for events appended by
+        other processes (``m2mgw-admin``, another node).
+    :ivar permissions: what applications without an ``[app.NAME]`` section may do.
+    :ivar retention_events: the most unacknowledged events kept per
+        application (0: no limit), unless its ``[app.NAME]`` says otherwise.
+    :ivar retention_age: the age in seconds beyond which unacknowledged events
+        are dropped (0: no limit), unless its ``[app.NAME]`` says otherwise.
     """
 
     address: str = ""
@@ -95,6 +128,12 @@ class AppListenerConfig:
     rsa_bits: int = 3072
     idle_timeout: int = 300
     max_line: int = 65536
+    ping_interval: int = 60
+    max_unacked: int = 1000
+    event_poll_interval: float = 2.0
+    permissions: tuple[str, ...] = DEFAULT_PERMISSIONS
+    retention_events: int = DEFAULT_RETENTION_EVENTS
+    retention_age: int = DEFAULT_RETENTION_AGE
 
 
 @dataclass(frozen=True)
@@ -157,11 +196,70 @@ class JobsConfig:
     :ivar housekeeping_interval: how often the gateway logs its counters.
     :ivar security_interval: how often the counted drops are written to the
         store as aggregated security events (MGP/1 §11).
+    :ivar server_key_interval: how often retiring server keys are checked
+        (and retired when their time has come) and the server keys reloaded
+        from the data directory and the store (SIGHUP reloads at once).
+    :ivar retention_interval: how often the applications' outboxes are
+        checked against their retention limits.
     """
 
     expiry_interval: float = 60.0
     housekeeping_interval: float = 3600.0
     security_interval: float = 10.0
+    retention_interval: float = 300.0
+    server_key_interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class RotationPolicy:
+    """
+    When a module's key is rotated (``[rotation]``, or ``[rotation.GROUP]``
+    for the modules of one group); times in seconds.
+
+    :ivar rotate_after: rotate an active key this long after its activation
+        (0: never by age).
+    :ivar renew_before: rotate an active key this long before its
+        ``not_after`` (0: never by expiry).
+    :ivar params: the parameter set of new keys (``""``: the default set of
+        the active key's suite).
+    :ivar grace: how long after its expiry a module's last active key may
+        still open a session to vouch for its successor (0: not at all).
+    """
+
+    rotate_after: int = 0
+    renew_before: int = 30 * 86400
+    params: str = ""
+    grace: int = 0
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """
+    The rotation policy (``[rotation]`` and ``[rotation.GROUP]``).
+
+    :ivar default: the policy of the modules of every group without its own.
+    :ivar groups: the policies of groups with a ``[rotation.GROUP]`` section.
+    :ivar check_interval: seconds between runs of the rotation job.
+    :ivar batch: the most ``keygen`` instructions one run queues.
+    :ivar rehello: after accepting a key registration that answers a
+        ``keygen``, queue a ``rehello`` so the module activates the new key at once.
+    :ivar retire_suites: suite being retired -> the name of the parameter set
+        its modules' keys are replaced from (a set of another suite).
+    """
+
+    default: RotationPolicy = field(default_factory=RotationPolicy)
+    groups: Mapping[str, RotationPolicy] = field(default_factory=lambda: _EMPTY_POLICIES)
+    check_interval: float = 3600.0
+    batch: int = 1000
+    rehello: bool = True
+    retire_suites: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def for_group(self, group: str) -> RotationPolicy:
+        """The policy of the modules of ``group``."""
+        return self.groups.get(group, self.default)
+
+
+_EMPTY_POLICIES: Mapping[str, RotationPolicy] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -187,6 +285,11 @@ class GatewayConfig:
     :ivar node_name: this node's name (default: the host name).
     :ivar suites: the cipher suites served, each with its own server key.
     :ivar sources: the enabled instruction sources, in file order.
+    :ivar params: the parameter sets by name (``[params.NAME]``, and the
+        built-in set of every suite that has none, named after the suite).
+    :ivar rotation: the key rotation policy.
+    :ivar app_policies: each application's permissions, hours, networks and
+        retention (``[app.NAME]``; the ``[apps]`` defaults for the others).
     :ivar config_file: the file the configuration was read from, if any.
     """
 
@@ -199,6 +302,9 @@ class GatewayConfig:
     protocol: ProtocolPolicy = field(default_factory=ProtocolPolicy)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     sources: tuple[SourceConfig, ...] = ()
+    app_policies: AppPolicies = field(default_factory=AppPolicies)
+    params: Mapping[str, ParameterSet] = field(default_factory=lambda: _EMPTY_SETS)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     config_file: str | None = None
 
 
@@ -314,6 +420,39 @@ def _parse_str(raw: str) -> str:
     return raw.strip()
 
 
+def _parse_curve(raw: str) -> tuple[int, ...]:
+    """A custom curve: ``p, a, b, gx, gy, n, h`` as decimal or ``0x`` hexadecimal integers."""
+    parts = [part for part in re.split(r"[\s,]+", raw.strip()) if part]
+    if len(parts) != 7:
+        raise ValueError("a custom curve is 7 integers: p, a, b, gx, gy, n, h")
+    try:
+        return tuple(int(part, 0) for part in parts)
+    except ValueError:
+        raise ValueError("a custom curve is 7 integers: p, a, b, gx, gy, n, h") from None
+
+
+def _parse_retirements(raw: str) -> tuple[tuple[str, str], ...]:
+    """``SUITE:SET`` pairs: a suite being retired and the parameter set replacing its keys."""
+    pairs = []
+    for part in re.split(r"[\s,]+", raw.strip()):
+        if not part:
+            continue
+        suite, colon, target = part.partition(":")
+        if not colon or not suite or not target:
+            raise ValueError(f"{part!r} is not SUITE:PARAMETER-SET (e.g. p256:x25519)")
+        pairs.append((suite, target))
+    suites = [suite for suite, _ in pairs]
+    for suite in suites:
+        if suites.count(suite) > 1:
+            raise ValueError(f"suite {suite!r} is listed twice")
+    return tuple(pairs)
+
+
+_EMPTY_SETS: Mapping[str, ParameterSet] = MappingProxyType({})
+#: Seconds a key may live or wait: up to 20 years.
+_MAX_KEY_SECONDS = 20 * 366 * 86400
+
+
 #: For each fixed section: key -> parser.  Keys equal the dataclass field names.
 _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
     "gateway": {
@@ -325,6 +464,7 @@ _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "address": _parse_address,
         "port": _parse_port,
         "max_datagram": _parse_int(256, MAX_RECEIVED_DATAGRAM),
+        "poll_apps_ms": _parse_int(0, 5000),
     },
     "apps": {
         "address": _parse_address,
@@ -333,6 +473,12 @@ _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "rsa_bits": _parse_int(2048, 8192),
         "idle_timeout": _parse_int(0, 7 * 86400),
         "max_line": _parse_int(1024, 16 * 1024 * 1024),
+        "ping_interval": _parse_int(1, 86400),
+        "max_unacked": _parse_int(1, 1_000_000),
+        "event_poll_interval": _parse_interval,
+        "permissions": parse_permissions,
+        "retention_events": _parse_int(0, 2**62),
+        "retention_age": _parse_int(0, 20 * 366 * 86400),
     },
     "store": {"backend": _parse_str},
     "protocol": {
@@ -350,15 +496,54 @@ _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "key_ttl": _parse_int(3600, 20 * 366 * 86400),
         "alias_lifetime": _parse_int(60, 366 * 86400),
     },
+    "rotation": {
+        "rotate_after": _parse_int(0, _MAX_KEY_SECONDS),
+        "renew_before": _parse_int(0, _MAX_KEY_SECONDS),
+        "params": _parse_str,
+        "grace": _parse_int(0, 366 * 86400),
+        "check_interval": _parse_interval,
+        "batch": _parse_int(1, 1_000_000),
+        "rehello": _parse_bool,
+        "retire_suites": _parse_retirements,
+    },
     "jobs": {
         "expiry_interval": _parse_interval,
         "housekeeping_interval": _parse_interval,
         "security_interval": _parse_interval,
+        "retention_interval": _parse_interval,
+        "server_key_interval": _parse_interval,
     },
+}
+
+#: The keys of an ``[app.NAME]`` section: key -> parser.
+_APP_SECTION: dict[str, Callable[[str], Any]] = {
+    "permissions": parse_permissions,
+    "hours": parse_hours,
+    "networks": parse_networks,
+    "retention_events": _parse_int(0, 2**62),
+    "retention_age": _parse_int(0, 20 * 366 * 86400),
+}
+
+#: The keys of a ``[rotation.GROUP]`` section (the rest of ``[rotation]`` is global).
+_ROTATION_GROUP_SECTION: dict[str, Callable[[str], Any]] = {
+    key: _SECTIONS["rotation"][key] for key in ("rotate_after", "renew_before", "params", "grace")
+}
+
+#: The keys of a ``[params.NAME]`` section.
+_PARAMS_SECTION: dict[str, Callable[[str], Any]] = {
+    "pid": _parse_int(1, 2**31 - 1),
+    "suite": _parse_str,
+    "ttl": _parse_int(3600, _MAX_KEY_SECONDS),
+    "curve": _parse_str,
+    "eq": _parse_curve,
+    "rsa_bits": _parse_int(2048, 3072),
+    "hash": _parse_str,
 }
 
 #: Sections named ``PREFIX.NAME``, one per plugin.
 _PLUGIN_SECTION_PREFIXES = ("store", "source")
+#: Sections named ``PREFIX.NAME`` for a parameter set or a module group.
+_NAMED_SECTION_PREFIXES = ("params", "rotation")
 
 
 class _Settings:
@@ -389,9 +574,12 @@ class _Settings:
         raw, where = self.sections[section][key]
         return ConfigError(f"{where}: [{section}] {key} = {raw!r}: {problem}")
 
-    def parsed(self, section: str) -> dict[str, Any]:
-        """The keys of a fixed section, parsed; unknown keys are errors."""
-        parsers = _SECTIONS[section]
+    def parsed(
+        self, section: str, parsers: Mapping[str, Callable[[str], Any]] | None = None
+    ) -> dict[str, Any]:
+        """A section's keys, parsed (by ``parsers`` or the fixed ones); unknown keys are errors."""
+        if parsers is None:
+            parsers = _SECTIONS[section]
         values: dict[str, Any] = {}
         for key, (raw, where) in self.sections.get(section, {}).items():
             parser = parsers.get(key)
@@ -467,10 +655,19 @@ def _check_sections(settings: _Settings) -> None:
         if section in _SECTIONS:
             continue
         prefix, dot, name = section.partition(".")
-        if dot and name and prefix in _PLUGIN_SECTION_PREFIXES:
+        if dot and name and prefix in _PLUGIN_SECTION_PREFIXES + _NAMED_SECTION_PREFIXES:
             continue
         where = settings.section_origins[section]
-        known = ", ".join([*_SECTIONS, "store.NAME", "source.NAME"])
+        if dot and prefix == "app":
+            if is_valid_app_name(name):
+                continue
+            raise ConfigError(
+                f"{where}: [{section}]: {name!r} is not an application name (1-64 letters,"
+                " digits, '.', '_' or '-', as in its certificate)"
+            )
+        known = ", ".join(
+            [*_SECTIONS, "store.NAME", "source.NAME", "app.NAME", "params.NAME", "rotation.GROUP"]
+        )
         raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
 
 
@@ -540,7 +737,114 @@ def _build(settings: _Settings) -> GatewayConfig:
         config,
         store=StoreConfig(backend=backend, options=store_options),
         sources=tuple(sources),
+        app_policies=_app_policies(settings, config.apps),
+        **_key_lifecycle(settings, config),
     )
+
+
+def _parameter_set(
+    settings: _Settings, section: str, suites: Mapping[str, ICipherSuite], key_ttl: int
+) -> ParameterSet:
+    """One ``[params.NAME]`` section, checked against its suite."""
+    name = section.partition(".")[2]
+    where = f"{settings.section_origins[section]}: [{section}]"
+    values = settings.parsed(section, _PARAMS_SECTION)
+    for required in ("pid", "suite"):
+        if required not in values:
+            raise ConfigError(f"{where}: {required} is required")
+    suite = suites.get(values["suite"])
+    if suite is None:
+        raise settings.error(
+            section, "suite", f"not one of the configured suites ({', '.join(suites)})"
+        )
+    if name in suites and name != suite.name:
+        raise ConfigError(f"{where}: a set named after suite {name!r} must be of that suite")
+    base = builtin_set(suite, values.get("ttl", key_ttl))
+    if "eq" in values:  # a custom curve replaces the named one
+        base = dataclasses.replace(base, curve=None)
+    param_set = dataclasses.replace(base, name=name, **values)
+    try:
+        param_set.check(suite)
+    except BadParameters as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ValueError as e:  # a value outside MGP/1's Params ranges
+        raise ConfigError(f"{where}: {_one_line(str(e))}") from None
+    return param_set
+
+
+def _key_lifecycle(settings: _Settings, config: GatewayConfig) -> dict[str, Any]:
+    """``params`` and ``rotation``: the parameter sets and the rotation policy, cross-checked."""
+    suites = {name: registry.lookup(ICipherSuite, name) for name in config.suites}
+    configured: dict[str, ParameterSet] = {}
+    pids: dict[int, str] = {}
+    for section in settings.sections:
+        prefix, dot, name = section.partition(".")
+        if not dot or prefix != "params":
+            continue
+        param_set = _parameter_set(settings, section, suites, config.protocol.key_ttl)
+        if param_set.pid in pids:
+            raise ConfigError(
+                f"{settings.section_origins[section]}: [{section}]: pid {param_set.pid}"
+                f" is also the pid of [params.{pids[param_set.pid]}]"
+            )
+        pids[param_set.pid] = name
+        configured[name] = param_set
+    sets = complete_sets(configured, suites, config.protocol.key_ttl)
+
+    def check_set(section: str, key: str, name: str) -> None:
+        if name and name not in sets:
+            known = ", ".join(sorted(sets))
+            raise settings.error(section, key, f"no such parameter set (known: {known})")
+
+    values = settings.parsed("rotation")
+    retirements = values.pop("retire_suites", ())
+    for key in ("check_interval", "batch", "rehello"):
+        values.setdefault(key, getattr(RotationConfig, key))
+    global_keys = {key: values.pop(key) for key in ("check_interval", "batch", "rehello")}
+    default = RotationPolicy(**values)
+    check_set("rotation", "params", default.params)
+    for suite, target in retirements:
+        if suite not in suites:
+            raise settings.error(
+                "rotation", "retire_suites", f"{suite!r} is not a configured suite"
+            )
+        check_set("rotation", "retire_suites", target)
+        if sets[target].suite == suite:
+            raise settings.error(
+                "rotation", "retire_suites", f"{target!r} is a set of {suite!r} itself"
+            )
+    groups: dict[str, RotationPolicy] = {}
+    for section in settings.sections:
+        prefix, dot, group = section.partition(".")
+        if dot and prefix == "rotation":
+            policy = dataclasses.replace(
+                default, **settings.parsed(section, _ROTATION_GROUP_SECTION)
+            )
+            check_set(section, "params", policy.params)
+            groups[group] = policy
+    rotation = RotationConfig(
+        default=default,
+        groups=MappingProxyType(groups),
+        retire_suites=MappingProxyType(dict(retirements)),
+        **global_keys,
+    )
+    return {"params": MappingProxyType(sets), "rotation": rotation}
+
+
+def _app_policies(settings: _Settings, apps: AppListenerConfig) -> AppPolicies:
+    """The ``[app.NAME]`` sections, with ``[apps]`` supplying what they leave out."""
+    default = AppPolicy(
+        permissions=apps.permissions,
+        retention_events=apps.retention_events,
+        retention_age=apps.retention_age,
+    )
+    by_app: dict[str, AppPolicy] = {}
+    for section in settings.sections:
+        prefix, dot, name = section.partition(".")
+        if dot and prefix == "app":
+            values = settings.parsed(section, _APP_SECTION)
+            by_app[name] = dataclasses.replace(default, **values)
+    return AppPolicies(default=default, by_app=MappingProxyType(by_app))
 
 
 def load_config(path: str | None, overrides: Mapping[str, str] = _EMPTY) -> GatewayConfig:

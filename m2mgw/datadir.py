@@ -364,6 +364,29 @@ class DataDir:
                 loaded.append(self._load_server_key(skid, suite))
         return loaded
 
+    def server_key_files(self, suites: Sequence[str] | None = None) -> list[tuple[int, str]]:
+        """
+        The server key files as ``(skid, suite)``, ``skid`` ascending, without reading them.
+
+        :param suites: only these suites (default: every key file).
+        :raise m2mgw.errors.ConfigError: the directory is unreadable or holds a
+            misnamed key file or one ``skid`` twice.
+        """
+        wanted = None if suites is None else set(suites)
+        return [(s, n) for s, n in self._scan_server_keys() if wanted is None or n in wanted]
+
+    def server_key_path(self, skid: int, suite: str) -> str:
+        """The file of server key ``skid`` of ``suite``."""
+        return self._server_key_path(skid, suite)
+
+    def server_key(self, skid: int, suite: str) -> LoadedServerKey:
+        """
+        Load one server key pair.
+
+        :raise m2mgw.errors.ConfigError: as :meth:`server_keys`.
+        """
+        return self._load_server_key(skid, suite)
+
     def server_key_records(self, suites: Sequence[str] | None = None) -> list[ServerKey]:
         """
         The store records of the server keys, ``skid`` ascending, each
@@ -554,6 +577,15 @@ class DataDir:
                 )
             existing.append(gateway_item)
             return created, existing
+        key, certificate = self._issue_gateway_certificate(key_type, rsa_bits, extra_names, 825)
+        self._write_private(key_path, tls.dump_private_key(key))
+        self._write_public(cert_path, tls.dump_certificate(certificate))
+        created.append(gateway_item)
+        return created, existing
+
+    def _issue_gateway_certificate(
+        self, key_type: str, rsa_bits: int, extra_names: Sequence[str], days: int
+    ) -> tuple[tls.TLSPrivateKey, x509.Certificate]:
         ca_key, authority = self._load_ca()
         hostname = socket.gethostname()
         names = ["localhost", "127.0.0.1", "::1", hostname, *extra_names]
@@ -563,15 +595,47 @@ class DataDir:
             authority,
             key.public_key(),
             hostname or "localhost",
-            now,
-            825,
+            self.clock(),
+            days,
             server_names=names,
             server=True,
         )
-        self._write_private(key_path, tls.dump_private_key(key))
-        self._write_public(cert_path, tls.dump_certificate(certificate))
-        created.append(gateway_item)
-        return created, existing
+        return key, certificate
+
+    def renew_gateway_certificate(
+        self,
+        tls_key_type: str = "rsa",
+        rsa_bits: int = 3072,
+        *,
+        tls_names: Sequence[str] = (),
+        days: int = 825,
+    ) -> str:
+        """
+        Replace the gateway's TLS key and certificate by a new pair issued by
+        the application CA (whose key must be here).  Application servers
+        trust the CA, so nothing changes for them; a running gateway serves
+        the new certificate to new connections once it gets SIGHUP.  The key
+        is written before the certificate, each atomically.
+
+        :param tls_names: extra DNS names or addresses, as for :meth:`ensure`.
+        :return: the certificate's path.
+        :raise m2mgw.errors.ConfigError: no CA key, an unknown key type, or a
+            file that cannot be written.
+        """
+        if tls_key_type not in tls.TLS_KEY_TYPES:
+            known = ", ".join(tls.TLS_KEY_TYPES)
+            raise ConfigError(f"unknown TLS key type {tls_key_type!r} (known: {known})")
+        cert_path, key_path, _ = self.tls_paths
+        key, certificate = self._issue_gateway_certificate(tls_key_type, rsa_bits, tls_names, days)
+        with self._locked():
+            try:
+                write_file_atomically(key_path, tls.dump_private_key(key), 0o600, replace=True)
+                write_file_atomically(
+                    cert_path, tls.dump_certificate(certificate), 0o644, replace=True
+                )
+            except OSError as e:
+                raise ConfigError(f"cannot write {cert_path}: {_describe(e)}") from None
+        return cert_path
 
     def _load_ca(self) -> tuple[tls.TLSPrivateKey, x509.Certificate]:
         _, _, ca_path = self.tls_paths

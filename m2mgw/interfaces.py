@@ -51,6 +51,13 @@ class ICipherSuite(Interface):
         "True if HELLO authentication method 3 (static-static ECDH) is offered."
     )
     signature_len = Attribute("Signature length in bytes (RSA: that of the server key's modulus).")
+    supports_custom_curves = Attribute(
+        "True if Params may carry a custom short-Weierstrass curve (``3`` eq); such a suite"
+        " MUST validate it completely (:func:`m2mgw.crypto.curves.validate_weierstrass`:"
+        " prime field, non-singular, generator on the curve of prime order, cofactor, not"
+        " anomalous, embedding degree) in :meth:`check_params` and refuse anything else."
+        "  False for every shipped suite."
+    )
 
     # -- server key pairs ----------------------------------------------------
 
@@ -194,7 +201,8 @@ class ICipherSuite(Interface):
         Validate a Params map (integer keys as in MGP/1 §9) for this suite:
         the named curve is the suite's, ``rsa_bits`` is in range, ``hash``
         matches; a custom curve ``eq`` is accepted only by a suite that
-        declares support and validates it fully.
+        declares :attr:`supports_custom_curves` and validates it fully
+        (never together with a named ``curve``).
 
         :raise m2mgw.errors.BadParameters: with a reason a person can read.
         """
@@ -220,8 +228,21 @@ class IModuleStore(Interface):
     (``instruction``: ``{"iid", "state", "kind", "exec_ts", "status",
     "attempts"}``, addressed to the submitting application, or to the module's
     applications when ``source`` is ``operator``, ``spool`` or ``gateway``;
-    ``key``: ``{"kid", "status", "suite"}``, to the module's applications).
-    Callers do not append these themselves.
+    ``key``: ``{"event", "kid", "status", "suite"}``, to the module's
+    applications, ``event`` being ``registered`` (a key recorded ``pending``),
+    ``activated``, ``retired``, ``expired`` or ``revoked`` after the key's
+    new ``status``).  Queuing a ``keygen`` instruction appends a ``key``
+    event ``requested`` (``{"event", "kid", "status": null, "suite", "pid",
+    "iid", "source"}``, from the instruction's Params).  Callers do not
+    append these themselves.
+
+    A module ``pending-approval`` authenticates, but its accepted messages
+    claim no instructions and the ``report`` and ``alert`` events their
+    payloads raise are held, not appended, until :meth:`decide_approval`
+    releases (or forgets) them; its first accepted HELLO appends a
+    ``module`` event ``{"event": "pending-approval", "module", "kid",
+    "suite", "group", "at"}``.  The first accepted HELLO of any other
+    module appends the same with ``"event": "first-seen"``.
     """
 
     name = Attribute("The store's configuration name, e.g. ``'sqlite'``.")
@@ -264,12 +285,28 @@ class IModuleStore(Interface):
     def count_modules() -> Deferred[int]:
         """How many modules are provisioned."""
 
-    def set_module_status(module_id: str, status: Any) -> Deferred[None]:
+    def set_module_status(module_id: str, status: Any, now: int | None = None) -> Deferred[None]:
         """
         Set a :class:`~m2mgw.records.ModuleStatus`.  Disabling a module ends its
-        session at once.
+        session at once.  Given ``now``, a change of status appends a
+        ``module`` event ``{"event": <the new status>, "module", "at"}``.
 
         :raise m2mgw.errors.UnknownModule:
+        """
+
+    def decide_approval(module_id: str, approve: bool, now: int) -> Deferred[Any]:
+        """
+        Approve or refuse a module waiting for approval (``pending-approval``),
+        in one transaction.  Approving makes it ``enabled`` and appends a
+        ``module`` event ``{"event": "approved", "module", "at"}``, then the
+        events its messages raised while it waited, in their order;
+        refusing makes it ``disabled``, ends its session, forgets those held
+        events (its stored reports stay, for audit) and appends a ``module``
+        event ``{"event": "disabled", "module", "at"}``.
+
+        :return: the updated :class:`~m2mgw.records.Module`.
+        :raise m2mgw.errors.UnknownModule:
+        :raise m2mgw.errors.InvalidTransition: the module is not waiting for approval.
         """
 
     # -- the key series ------------------------------------------------------------
@@ -298,6 +335,14 @@ class IModuleStore(Interface):
         :raise m2mgw.errors.UnknownKey:
         """
 
+    def keys_due_for_rotation(query: Any, limit: int = 1000) -> Deferred[list[Any]]:
+        """
+        The ``active`` :class:`~m2mgw.records.ModuleKey` of each module a
+        :class:`~m2mgw.records.RotationQuery` selects (enabled, no rotation
+        under way, the key due by age, expiry or suite), at most ``limit``,
+        by module identity ascending: page on with ``query.after_module``.
+        """
+
     # -- server key references -------------------------------------------------------
 
     def add_server_key(key: Any) -> Deferred[None]:
@@ -310,8 +355,15 @@ class IModuleStore(Interface):
     def list_server_keys() -> Deferred[list[Any]]:
         """Every server key reference, ``skid`` ascending."""
 
-    def set_server_key_status(skid: int, status: Any) -> Deferred[None]:
-        """:raise m2mgw.errors.UnknownKey:"""
+    def set_server_key_status(
+        skid: int, status: Any, retire_after: int | None = None
+    ) -> Deferred[None]:
+        """
+        Set a :class:`~m2mgw.records.ServerKeyStatus` and, if given (not
+        ``None``), the key's ``retire_after`` deadline (kept otherwise).
+
+        :raise m2mgw.errors.UnknownKey:
+        """
 
     # -- sessions, replay state and aliases (the per-datagram path) -------------------
 
@@ -327,7 +379,8 @@ class IModuleStore(Interface):
         2. the session swap: the module's earlier session ends, ``session`` is
            stored (a ``sid`` held by another module's expired session is taken over);
         3. if key ``session.kid`` is pending it becomes active, and every older
-           active or pending key retired (``kid`` 0, the PSK, activates nothing);
+           active or pending key retired (``kid`` 0, the PSK, activates nothing;
+           with ``expired_key_grace`` the key may be ``expired`` and nothing changes);
         4. ``alias`` replaces the module's previous alias;
         5. ``effects`` are applied: the report stored, the engine's events
            appended, confirmations applied (an instruction in state ``sent``
@@ -341,6 +394,8 @@ class IModuleStore(Interface):
            ``max_attempts`` times ``failed``; the others ride while the sum of
            their ``wire_size`` fits the budget, stopping at the first that
            does not (``more``); each that rides becomes ``sent``, one attempt more.
+           A module ``pending-approval`` claims nothing (and its ``report``
+           and ``alert`` events are held; see the class docstring).
 
         Each instruction state change and key change appends its event (see
         the class docstring) and is listed in ``transitions``.
@@ -401,6 +456,19 @@ class IModuleStore(Interface):
         :raise m2mgw.errors.UnknownModule:
         """
 
+    def enqueue_keygen(instruction: Any, now: int) -> Deferred[Any]:
+        """
+        Queue a ``keygen`` :class:`~m2mgw.records.NewInstruction` as
+        :meth:`enqueue` does (with its ``key`` event ``requested``), unless
+        a rotation is under way for the module: a ``queued`` or ``sent``
+        ``keygen``, or a ``pending`` key.  One transaction, so two callers
+        never queue two.
+
+        :return: the :class:`~m2mgw.records.Instruction`, or ``None`` (nothing
+            queued) if a rotation is under way.
+        :raise m2mgw.errors.UnknownModule:
+        """
+
     def get_instruction(module_id: str, iid: int) -> Deferred[Any]:
         """The :class:`~m2mgw.records.Instruction`, or ``None``."""
 
@@ -408,6 +476,15 @@ class IModuleStore(Interface):
         module_id: str | None = None, states: Sequence[Any] = (), limit: int = 1000
     ) -> Deferred[list[Any]]:
         """Instructions, oldest first, of one module or all, optionally by state."""
+
+    def count_instructions(source: str, idempotency_key: str) -> Deferred[dict[str, int]]:
+        """
+        The progress of a campaign: how many instructions of every module
+        with this ``source`` and ``idempotency_key`` are in each state, as
+        ``{state value: count}`` with every :class:`~m2mgw.records.InstructionState`
+        present (0 for none).  Used to follow an ``skey`` announcement
+        (:mod:`m2mgw.keys.server_rollover`).
+        """
 
     def cancel_instruction(module_id: str, iid: int, now: int) -> Deferred[Any]:
         """
@@ -448,6 +525,50 @@ class IModuleStore(Interface):
 
     def acked_seq(app: str) -> Deferred[int]:
         """The highest acknowledged sequence number of the application (0: none)."""
+
+    def outbox_position(app: str) -> Deferred[tuple[int, int]]:
+        """``(acked_seq, last_seq)`` of the application (``(0, 0)``: no event yet)."""
+
+    def outbox_apps() -> Deferred[list[str]]:
+        """Every application that was ever given an event, sorted."""
+
+    def trim_events(app: str, max_events: int, max_age: int, now: int) -> Deferred[Any]:
+        """
+        Enforce an application's retention limits, in one transaction: if it
+        has more than ``max_events`` unacknowledged events, or some created
+        more than ``max_age`` seconds before ``now`` (0: no such limit), the
+        oldest are acknowledged (deleted) so that none is too old and, with
+        the ``alert`` then appended, ``max_events`` remain; the alert
+        (``{"origin": "gateway", "code": "events-dropped", "level",
+        "text", "dropped", "first_seq", "last_seq"}``, to ``app`` alone)
+        says which.
+
+        :return: the alert :class:`~m2mgw.records.Event`, or ``None`` if
+            nothing was dropped.
+        """
+
+    def list_app_modules(app: str, offset: int = 0, limit: int = 1000) -> Deferred[list[Any]]:
+        """The :class:`~m2mgw.records.Module` records ``app`` belongs to, by identity."""
+
+    def set_group_apps(group: str, apps: Sequence[str]) -> Deferred[int]:
+        """
+        Set the applications of every module of ``group`` (as
+        :meth:`set_module_apps` does), in one transaction.
+
+        :return: how many modules the group has.
+        """
+
+    def add_event_listener(listener: Callable[[frozenset[str]], object]) -> None:
+        """
+        Call ``listener`` (in the reactor thread) after every committed
+        transaction of this store object that appended application events,
+        with the applications that got them.  Events other processes append
+        are not seen: readers that need them poll :meth:`events_after`.  A
+        listener that raises is logged and the others are still called.
+        """
+
+    def remove_event_listener(listener: Callable[[frozenset[str]], object]) -> None:
+        """Stop calling ``listener`` (no error if it is not registered)."""
 
     def list_reports(module_id: str, limit: int = 100) -> Deferred[list[Any]]:
         """The module's stored :class:`~m2mgw.records.Report` records, newest first."""
@@ -517,7 +638,12 @@ class IInstructionSource(Interface):
     lose an instruction it has acknowledged to its own producer.
     """
 
-    name = Attribute("The source's name, used in ``source`` of the instructions it queues.")
+    name = Attribute(
+        "The source's name, used in ``source`` of the instructions it queues -- unless"
+        " the source queues on behalf of principals it authenticated (the application"
+        " API: each instruction's ``source`` is the submitting application's principal,"
+        " never the name of one of the gateway's own sources), which it documents."
+    )
 
     def start(sink: IInstructionSink) -> Deferred[None] | None:
         """Begin producing into ``sink``."""

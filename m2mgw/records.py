@@ -121,6 +121,9 @@ class ServerKey:
     :ivar public: the public key as modules are provisioned with it (the
         agreement key for ``x25519``).
     :ivar sig_public: the Ed25519 signature key of an ``x25519`` pair, else ``None``.
+    :ivar retire_after: for a ``retiring`` key, the deadline after which it is
+        retired even if modules told about its successor have not confirmed
+        (``None``: no deadline; see :mod:`m2mgw.keys.server_rollover`).
     """
 
     skid: int
@@ -129,6 +132,7 @@ class ServerKey:
     sig_public: bytes | None = None
     status: ServerKeyStatus = ServerKeyStatus.ACTIVE
     created_at: int = 0
+    retire_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,10 @@ class HelloCommit:
     alias: bytes | None = None
     alias_expires_at: int | None = None
     delivery: Delivery | None = None
+    #: The engine's grace policy accepted ``session.kid`` although it has
+    #: expired: the store accepts it ``active`` or ``expired`` (never retired
+    #: or revoked) and changes no key status.
+    expired_key_grace: bool = False
 
 
 @dataclass(frozen=True)
@@ -367,3 +375,31 @@ class ExchangeResult:
     #: ``sent`` -> ``confirmed``, -> ``expired``, -> ``failed``), as they are after
     #: the change; the store appended an ``instruction`` event for each.
     transitions: tuple[Instruction, ...] = ()
+
+
+@dataclass(frozen=True)
+class RotationQuery:
+    """
+    Which modules are due for a key rotation (see
+    :meth:`~m2mgw.interfaces.IModuleStore.keys_due_for_rotation`).
+
+    A module matches if it is ``enabled``, has no ``pending`` key and no
+    ``queued`` or ``sent`` ``keygen`` instruction, and its ``active`` key
+    meets at least one of the criteria.
+
+    :ivar activated_before: due by age: the key was activated (or, if it
+        never was, created) at or before this time; ``None``: not by age.
+    :ivar expiring_before: due by expiry: the key's ``not_after`` is at or
+        before this time; ``None``: not by expiry.
+    :ivar suites: due by suite retirement: the key is of one of these suites.
+    :ivar groups: only modules of these groups (``None``: any group).
+    :ivar exclude_groups: not the modules of these groups.
+    :ivar after_module: only module identities above this one (paging).
+    """
+
+    activated_before: int | None = None
+    expiring_before: int | None = None
+    suites: tuple[str, ...] = ()
+    groups: tuple[str, ...] | None = None
+    exclude_groups: tuple[str, ...] = ()
+    after_module: str = ""

@@ -24,6 +24,8 @@ as one line and a non-zero exit, without a traceback.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -487,6 +489,129 @@ class PeriodicJob(TimerService):
         self._started = False
         stopped: Deferred[None] | None = super().stopService()
         return stopped
+
+
+class ReloadService(Service):
+    """
+    Reloads, without a restart and without dropping traffic, what an operator
+    changes under a running gateway: each *reloader* is a named callable
+    (returning nothing, a Deferred or a coroutine) -- the server keys, the
+    application TLS certificate.  They run, in order, on ``SIGHUP`` (the
+    handler is installed while the service runs, from the main thread only,
+    and the previous one put back when it stops) and on :meth:`reload`.
+
+    A reloader that fails is logged and the others still run; what it
+    reloads stays as it was.  The reloaders named in ``at_start`` also run
+    when the service starts, and a failure there fails the start.  Reloads
+    never overlap: one asked for while another runs follows it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reloaders: Sequence[tuple[str, Callable[[], object]]],
+        reactor: Any,
+        *,
+        at_start: Sequence[str] = (),
+        signal_number: int | None = signal.SIGHUP,
+    ) -> None:
+        """
+        :param reloaders: ``(what, callable)`` pairs, run in this order.
+        :param reactor: the reactor a signal is handed to (``callFromThread``).
+        :param at_start: the names of the reloaders that also run at start.
+        :param signal_number: the signal that asks for a reload (``None``: none).
+        """
+        self.setName("reload")
+        self.reloaders = tuple(reloaders)
+        self.reactor = reactor
+        self.at_start = tuple(at_start)
+        self.signal_number = signal_number
+        self._previous_handler: Any = None
+        self._installed = False
+        self._tail: Deferred[object] = succeed(None)
+        #: How many reloads ran (started by a signal or by :meth:`reload`).
+        self.reloads = 0
+
+    def startService(self) -> Deferred[None]:
+        """
+        Run the ``at_start`` reloaders, then listen for the signal.
+
+        :return: a Deferred firing when they have run; it fails if one failed.
+        """
+        Service.startService(self)
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        for what, work in self.reloaders:
+            if what in self.at_start:
+                await maybeDeferred(work)
+        self._install()
+
+    def _install(self) -> None:
+        if self.signal_number is None or not self.running:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            self.log.warn("not in the main thread: no signal handler for reloads")
+            return
+        self._previous_handler = signal.signal(self.signal_number, self._signalled)
+        self._installed = True
+        self.log.info(
+            "{signal} reloads {reloaders}",
+            signal=signal.Signals(self.signal_number).name,
+            reloaders=", ".join(what for what, _ in self.reloaders),
+        )
+
+    def _signalled(self, signum: int, frame: object) -> None:
+        # A signal handler runs between two bytecodes of the main thread:
+        # hand the work to the reactor, which callFromThread also wakes up.
+        self.reactor.callFromThread(self.reload)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Put the previous signal handler back, and wait for a reload in progress.
+
+        :return: a Deferred firing when no reload runs any more.
+        """
+        Service.stopService(self)
+        if self._installed and self.signal_number is not None:
+            signal.signal(self.signal_number, self._previous_handler)
+            self._installed = False
+        done: Deferred[None] = Deferred()
+        self._tail.addBoth(lambda _: done.callback(None))
+        return done
+
+    def reload(self) -> Deferred[dict[str, bool]]:
+        """
+        Run every reloader (after a reload in progress, if any).
+
+        :return: a Deferred firing with ``{what: succeeded}``; it does not fail.
+        """
+        result: Deferred[dict[str, bool]] = Deferred()
+
+        def run(_: object) -> Deferred[dict[str, bool]]:
+            return Deferred.fromCoroutine(self._reload_all())
+
+        def deliver(outcome: object) -> None:
+            result.callback(outcome)  # type: ignore[arg-type]
+
+        self._tail = self._tail.addBoth(run)
+        self._tail.addBoth(deliver)
+        return result
+
+    async def _reload_all(self) -> dict[str, bool]:
+        self.reloads += 1
+        outcome: dict[str, bool] = {}
+        for what, work in self.reloaders:
+            try:
+                await maybeDeferred(work)
+            except Exception:
+                self.log.failure("reloading {reloader} failed; it stays as it was", reloader=what)
+                outcome[what] = False
+            else:
+                self.log.info("reloaded {reloader}", reloader=what)
+                outcome[what] = True
+        return outcome
 
 
 def find_service(root: IService, path: str) -> IService:

@@ -9,10 +9,12 @@ the tree of :mod:`m2mgw.service`::
 
     m2mgw
      ├── store      opens the store first, closes it last
+     ├── reload     installs the server keys; on SIGHUP reloads them and the TLS certificate
      ├── modules    UDP listener for MGP/1 modules
      ├── apps       mutual-TLS listener for application servers
      ├── sources    the configured instruction sources
-     └── jobs       expiry and housekeeping
+     └── jobs       expiry, housekeeping, security events, key rotation,
+                    server key retirement
 
 Problems found while building or binding (an unusable data directory or key
 file, a port in use) end twistd with :class:`~m2mgw.service.StartupFailed`:
@@ -31,16 +33,25 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from m2mgw import registry
-from m2mgw.apps.listener import AppFactory, Dispatcher
+from m2mgw.apps.events import EventHub, enforce_retention
+from m2mgw.apps.listener import AppFactory, Dispatcher, ListenerSettings
+from m2mgw.apps.operations import AppOperations
+from m2mgw.apps.polling import InstructionPoll
+from m2mgw.apps.rotation import RotationOnRequest
+from m2mgw.apps.source import ApplicationSource
 from m2mgw.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
+from m2mgw.crypto.randomness import system_random
 from m2mgw.datadir import DataDir
 from m2mgw.errors import ConfigError
+from m2mgw.instructions.submission import REPLY_OVERHEAD
 from m2mgw.interfaces import (
     ICipherSuite,
     IInstructionSourceFactory,
     IModuleStore,
     IModuleStoreFactory,
 )
+from m2mgw.keys.rotation import RotationJob
+from m2mgw.keys.server_rollover import ServerKeyRollover
 from m2mgw.modules.udp import ModuleDatagramProtocol
 from m2mgw.protocol.engine import ModuleController
 from m2mgw.service import (
@@ -51,10 +62,11 @@ from m2mgw.service import (
     OrderedMultiService,
     PeriodicJob,
     QueueSink,
+    ReloadService,
     StartupFailed,
     StoreService,
 )
-from m2mgw.tls import app_server_tls_options
+from m2mgw.tls import ReloadableServerTLS, app_server_tls_options
 
 log = Logger(namespace="m2mgw.tap")
 
@@ -113,7 +125,11 @@ class Options(usage.Options):
 
 
 def _module_handler(
-    config: GatewayConfig, store: IModuleStore, datadir: DataDir, reactor: Any
+    config: GatewayConfig,
+    store: IModuleStore,
+    datadir: DataDir,
+    reactor: Any,
+    poll: InstructionPoll | None = None,
 ) -> ModuleController:
     """
     The MGP/1 module controller the UDP listener hands datagrams to.
@@ -122,16 +138,70 @@ def _module_handler(
     :param store: the module store (opened before the first datagram is handled).
     :param datadir: the data directory (server keys).
     :param reactor: the reactor (its clock).
+    :param poll: the polling variant (``[modules] poll_apps_ms``), if enabled.
     :raise m2mgw.errors.ConfigError: a configured suite is unknown or a server key unreadable.
     """
     suites = {name: registry.lookup(ICipherSuite, name) for name in config.suites}
     return ModuleController(
         store,
         suites,
-        datadir.server_keys(config.suites),
+        (),  # none until the reload service installs them, once the store is open
         config.protocol,
         now=reactor.seconds,
         max_datagram=config.modules.max_datagram,
+        params=config.params,
+        rotation=config.rotation,
+        instruction_poll=None if poll is None else poll.wait_for_instruction,
+    )
+
+
+def _retention(store: IModuleStore, config: GatewayConfig, clock: IReactorTime) -> Any:
+    """The retention job: drop (never silently) the events of applications that stay away."""
+
+    async def trim() -> None:
+        await enforce_retention(store, config.app_policies, int(clock.seconds()))
+
+    return trim
+
+
+def _application_listener(
+    config: GatewayConfig,
+    store: IModuleStore,
+    source: ApplicationSource,
+    hub: EventHub,
+    poll: InstructionPoll | None,
+    reactor: Any,
+) -> AppFactory:
+    """The application listener's factory with every operation of the protocol."""
+    apps = config.apps
+    settings = ListenerSettings(
+        idle_timeout=apps.idle_timeout,
+        ping_interval=apps.ping_interval,
+        max_line=apps.max_line,
+        max_unacked=apps.max_unacked,
+    )
+    operations = AppOperations(
+        store,
+        source,
+        config.app_policies,
+        reactor,
+        settings,
+        max_instruction_bytes=config.modules.max_datagram - REPLY_OVERHEAD,
+        rotation=RotationOnRequest(
+            store, config.params, config.rotation, reactor.seconds, system_random
+        ),
+        poll=poll,
+    )
+    return AppFactory(
+        Dispatcher(operations.table()),
+        max_line=apps.max_line,
+        idle_timeout=apps.idle_timeout,
+        clock=reactor,
+        store=store,
+        hub=hub,
+        policies=config.app_policies,
+        ping_interval=apps.ping_interval,
+        max_unacked=apps.max_unacked,
     )
 
 
@@ -243,8 +313,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         server_keys = datadir.server_key_records()
         store_factory = registry.lookup(IModuleStoreFactory, config.store.backend)
         store: IModuleStore = store_factory.create(config.store.options, datadir.path, reactor)
-        tls_options = app_server_tls_options(datadir)
-        controller = _module_handler(config, store, datadir, reactor)
+        tls_options = ReloadableServerTLS(lambda: app_server_tls_options(datadir))
+        hub = EventHub()
+        poll = None
+        if config.modules.poll_apps_ms > 0:
+            poll = InstructionPoll(store, hub, reactor, config.modules.poll_apps_ms)
+        controller = _module_handler(config, store, datadir, reactor, poll)
         sources = [
             registry.lookup(IInstructionSourceFactory, source.name).create(
                 source.options, datadir.path, reactor
@@ -253,22 +327,30 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ]
     except ConfigError as e:
         raise StartupFailed(str(e)) from None
+    # The application API is always a source ([source.apps] is optional).
+    app_source = next((s for s in sources if isinstance(s, ApplicationSource)), None)
+    if app_source is None:
+        app_source = ApplicationSource()
+        sources.insert(0, app_source)
+    store.add_event_listener(hub.events_appended)
 
     root = GatewayService(on_start_failure=_stop_reactor(reactor))
 
     StoreService(store, server_keys).setServiceParent(root)
+
+    rollover = ServerKeyRollover(datadir, store, controller, config.suites, reactor.seconds)
+    ReloadService(
+        [("server keys", rollover.reload), ("application TLS certificate", tls_options.reload)],
+        reactor,
+        at_start=("server keys",),
+    ).setServiceParent(root)
 
     protocol = ModuleDatagramProtocol(controller, max_reply=config.modules.max_datagram)
     ModuleListenerService(
         config.modules.port, protocol, config.modules.address, reactor
     ).setServiceParent(root)
 
-    apps = AppFactory(
-        Dispatcher(),
-        max_line=config.apps.max_line,
-        idle_timeout=config.apps.idle_timeout,
-        clock=reactor,
-    )
+    apps = _application_listener(config, store, app_source, hub, poll, reactor)
     AppListenerService(
         config.apps.port, apps, tls_options, config.apps.address, reactor
     ).setServiceParent(root)
@@ -296,6 +378,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config.jobs.security_interval,
         _security_events(store, controller, reactor),
         reactor,
+    ).setServiceParent(jobs)
+    rotation = RotationJob(store, config.rotation, config.params, reactor.seconds, system_random)
+    rotation_job = PeriodicJob("rotation", config.rotation.check_interval, rotation.run, reactor)
+    rotation_job.setServiceParent(jobs)
+    PeriodicJob(
+        "retention", config.jobs.retention_interval, _retention(store, config, reactor), reactor
+    ).setServiceParent(jobs)
+    events_job = PeriodicJob("events", config.apps.event_poll_interval, hub.wake_all, reactor)
+    events_job.setServiceParent(jobs)
+    PeriodicJob(
+        "server-keys", config.jobs.server_key_interval, rollover.check, reactor
     ).setServiceParent(jobs)
     jobs.setServiceParent(root)
     return root

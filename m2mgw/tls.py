@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -33,7 +33,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
 from OpenSSL.crypto import X509
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -42,6 +44,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from m2mgw.errors import ConfigError
 
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TLS_KEY_TYPES",
+    "ReloadableServerTLS",
     "TLSPrivateKey",
     "app_client_tls_options",
     "app_server_tls_options",
@@ -398,6 +402,40 @@ def app_server_tls_options(datadir: DataDir) -> CertificateOptions:
     )
     _check_context(options, cert_path)
     return options
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """
+    Server TLS settings that can be replaced while the listener runs
+    (certificate renewal on SIGHUP, no restart): every new connection is
+    set up with the settings current when it arrives; connections already
+    open keep theirs, and the listening socket is never closed.
+
+    :param load: builds the settings (e.g. ``lambda:
+        app_server_tls_options(datadir)``); called now and by :meth:`reload`.
+    :raise m2mgw.errors.ConfigError: the first load failed.
+    """
+
+    def __init__(self, load: Callable[[], CertificateOptions]) -> None:
+        self._load = load
+        #: The settings new connections get.
+        self.options = load()
+
+    def reload(self) -> None:
+        """
+        Build the settings again (from the files as they are now) and use
+        them for new connections.
+
+        :raise m2mgw.errors.ConfigError: the files are unusable; the current
+            settings stay.
+        """
+        self.options = self._load()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """A TLS connection for a new client, with the current settings."""
+        connection: SSL.Connection = self.options.serverConnectionForTLS(tlsProtocol)
+        return connection
 
 
 def _check_context(options: CertificateOptions, path: str) -> None:

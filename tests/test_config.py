@@ -191,7 +191,7 @@ ERRORS = [
     ("[empty]\n", r"unknown section \[empty\]"),
     (
         "[modules]\nprot = 1\n",
-        r"unknown key 'prot' in \[modules\] \(known: address, max_datagram, port\)",
+        r"unknown key 'prot' in \[modules\] \(known: address, max_datagram, poll_apps_ms, port\)",
     ),
     ("[modules]\nport = abc\n", r"\[modules\] port = 'abc': not a port number"),
     ("[modules]\nport = 65536\n", r"\[modules\] port = '65536': not a port number"),

@@ -297,7 +297,7 @@ class TestModuleStoreContract:
         await provision(store, "m1", apps=("app",))
         await store.add_key(key("m1", 1))
         assert await events_of(store, "app") == [
-            ("key", {"kid": 1, "status": "pending", "suite": "p256"})
+            ("key", {"event": "registered", "kid": 1, "status": "pending", "suite": "p256"})
         ]
 
     @pytest_twisted.ensureDeferred
@@ -349,6 +349,37 @@ class TestModuleStoreContract:
         with pytest.raises(UnknownKey):
             await store.set_server_key_status(9, ServerKeyStatus.RETIRED)
 
+    @pytest_twisted.ensureDeferred
+    async def test_server_key_deadline(self, store: Any) -> None:
+        await store.add_server_key(ServerKey(1, "p256", b"\x04" * 65, retire_after=None))
+        await store.set_server_key_status(1, ServerKeyStatus.RETIRING, NOW + 60)
+        [retiring] = await store.list_server_keys()
+        assert (retiring.status, retiring.retire_after) == (ServerKeyStatus.RETIRING, NOW + 60)
+        # Without a deadline the one set stays.
+        await store.set_server_key_status(1, ServerKeyStatus.RETIRED)
+        [retired] = await store.list_server_keys()
+        assert (retired.status, retired.retire_after) == (ServerKeyStatus.RETIRED, NOW + 60)
+        await store.add_server_key(ServerKey(2, "rsa", b"k", retire_after=NOW + 9))
+        assert (await store.list_server_keys())[1].retire_after == NOW + 9
+
+    @pytest_twisted.ensureDeferred
+    async def test_count_instructions_by_idempotency_key(self, store: Any) -> None:
+        await provision(store, "m1", "m2", "m3")
+        empty = await store.count_instructions("gateway", "skey:2")
+        assert empty == {state.value: 0 for state in InstructionState}
+        for module_id in ("m1", "m2", "m3"):
+            await store.enqueue(
+                new_instruction(module_id, kind="skey", source="gateway", idempotency_key="skey:2"),
+                NOW,
+            )
+        # Other sources and keys are not counted.
+        await store.enqueue(new_instruction("m1", source="a", idempotency_key="skey:2"), NOW)
+        await store.enqueue(new_instruction("m1", source="gateway", idempotency_key="skey:3"), NOW)
+        await store.cancel_instruction("m3", 1, NOW + 1)
+        await open_session(store, "m2", b"sid-2", delivery=Delivery(budget=1000))  # sent
+        counts = await store.count_instructions("gateway", "skey:2")
+        assert counts == {**empty, "queued": 1, "sent": 1, "cancelled": 1}
+
     # -- HELLO ---------------------------------------------------------------------
 
     @pytest_twisted.ensureDeferred
@@ -370,6 +401,7 @@ class TestModuleStoreContract:
     async def test_hello_with_a_stale_ts_changes_nothing(self, store: Any) -> None:
         await provision(store, "m1", apps=("app",))
         await open_session(store, "m1", b"sid-1", ts=10)
+        await store.ack_events("app", 99)  # the module's first-seen event
         effects = PayloadEffects(
             report=Report("m1", NOW, b"\x01"), events=(NewEvent("alert", "m1", {}),)
         )
@@ -382,6 +414,31 @@ class TestModuleStoreContract:
         assert await store.list_reports("m1") == []
         assert await store.events_after("app", 0) == []
         assert await store.resolve_alias(b"a" * 8, NOW, False) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_first_accepted_hello_appends_first_seen(self, store: Any) -> None:
+        await provision(store, "m1", apps=("app",))
+        await store.add_modules([module("p1", status=ModuleStatus.PENDING_APPROVAL)])
+        await store.set_module_apps("p1", ["app"])
+        await open_session(store, "m1", b"sid-1", ts=1)
+        await open_session(store, "m1", b"sid-2", ts=2)
+        await open_session(store, "p1", b"sid-3", ts=1)
+        events = [
+            (e.module_id, e.kind, e.payload["event"]) for e in await store.events_after("app", 0)
+        ]
+        assert events == [("m1", "module", "first-seen"), ("p1", "module", "pending-approval")]
+
+    @pytest_twisted.ensureDeferred
+    async def test_set_module_status_with_a_time_appends_a_module_event(self, store: Any) -> None:
+        await provision(store, "m1", apps=("app",))
+        await store.set_module_status("m1", ModuleStatus.DISABLED)  # no time: no event
+        await store.set_module_status("m1", ModuleStatus.ENABLED, NOW)
+        await store.set_module_status("m1", ModuleStatus.ENABLED, NOW)  # unchanged: no event
+        await store.set_module_status("m1", ModuleStatus.DISABLED, NOW + 1)
+        assert await events_of(store, "app") == [
+            ("module", {"event": "enabled", "module": "m1", "at": NOW}),
+            ("module", {"event": "disabled", "module": "m1", "at": NOW + 1}),
+        ]
 
     @pytest_twisted.ensureDeferred
     async def test_hello_ends_the_earlier_session(self, store: Any) -> None:
@@ -413,7 +470,8 @@ class TestModuleStoreContract:
         assert (keys[2].status, keys[2].retired_at) == (KeyStatus.RETIRED, NOW)
         assert keys[4].status is KeyStatus.REVOKED and keys[4].retired_at is None
         assert keys[5].status is KeyStatus.PENDING
-        assert sorted((p["kid"], p["status"]) for _, p in await events_of(store, "app")) == [
+        key_events = [p for kind, p in await events_of(store, "app") if kind == "key"]
+        assert sorted((p["kid"], p["status"]) for p in key_events) == [
             (1, "retired"),
             (2, "retired"),
             (3, "active"),
@@ -613,10 +671,13 @@ class TestModuleStoreContract:
         assert result.key_recorded
         assert await store.list_reports("m1") == [report]
         assert await store.get_key("m1", 1) == effects.new_key
+        first_seen = {"event": "first-seen", "module": "m1", "at": NOW}
+        first_seen.update(kid=0, suite="p256", group="default")
         for app in ("a1", "a2"):
             assert await events_of(store, app) == [
+                ("module", first_seen),
                 ("alert", {"code": "low-battery"}),
-                ("key", {"kid": 1, "status": "pending", "suite": "p256"}),
+                ("key", {"event": "registered", "kid": 1, "status": "pending", "suite": "p256"}),
             ]
 
     @pytest_twisted.ensureDeferred
@@ -721,7 +782,8 @@ class TestModuleStoreContract:
         failed = await store.get_instruction("m1", queued.iid)
         assert (failed.state, failed.attempts) == (InstructionState.FAILED, 3)
         assert result.transitions == (failed,)
-        assert [p["state"] for _, p in await events_of(store, "app")] == ["sent", "failed"]
+        states = [p["state"] for kind, p in await events_of(store, "app") if kind == "instruction"]
+        assert states == ["sent", "failed"]
 
     @pytest_twisted.ensureDeferred
     async def test_instructions_past_not_after_expire_instead_of_riding(self, store: Any) -> None:
@@ -899,6 +961,91 @@ class TestModuleStoreContract:
         assert await store.acked_seq("nobody") == 0
 
     @pytest_twisted.ensureDeferred
+    async def test_outbox_position_and_apps(self, store: Any) -> None:
+        await provision(store, "m1", apps=("b", "a"))
+        assert await store.outbox_position("a") == (0, 0)
+        assert await store.outbox_apps() == []
+        for n in range(3):
+            await store.append_events([NewEvent("report", "m1", {"n": n})], NOW)
+        await store.ack_events("a", 2)
+        assert await store.outbox_position("a") == (2, 3)
+        assert await store.outbox_position("b") == (0, 3)
+        assert await store.outbox_apps() == ["a", "b"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_list_app_modules_and_set_group_apps(self, store: Any) -> None:
+        await store.add_modules(
+            [module("m3", group="g"), module("m1", group="g"), module("m2"), module("m4")]
+        )
+        await store.set_module_apps("m4", ["x", "other"])
+        assert await store.set_group_apps("g", ["x", "y", "x"]) == 2
+        assert await store.get_module_apps("m1") == ["x", "y"]
+        assert await store.get_module_apps("m2") == []
+        listed = await store.list_app_modules("x")
+        assert [m.module_id for m in listed] == ["m1", "m3", "m4"]
+        assert listed[0] == await store.get_module("m1")
+        assert [m.module_id for m in await store.list_app_modules("x", 1, 1)] == ["m3"]
+        assert await store.list_app_modules("nobody") == []
+        assert await store.set_group_apps("empty-group", ["x"]) == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_trim_events_by_count_appends_an_alert(self, store: Any) -> None:
+        await provision(store, "m1", apps=("a",))
+        for n in range(1, 11):
+            await store.append_events([NewEvent("report", "m1", {"n": n})], NOW)
+        await store.ack_events("a", 2)
+        assert await store.trim_events("a", 20, 0, NOW) is None
+        alert = await store.trim_events("a", 4, 0, NOW + 5)
+        assert (alert.app, alert.seq, alert.kind, alert.module_id) == ("a", 11, "alert", None)
+        assert dict(alert.payload) == {
+            "origin": "gateway",
+            "code": "events-dropped",
+            "level": 3,
+            "text": alert.payload["text"],
+            "dropped": 5,
+            "first_seq": 3,
+            "last_seq": 7,
+        }
+        assert [e.seq for e in await store.events_after("a", 0)] == [8, 9, 10, 11]
+        assert await store.acked_seq("a") == 7
+        # Within the limits now (the alert counts): nothing more is dropped.
+        assert await store.trim_events("a", 4, 0, NOW + 6) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_trim_events_by_age(self, store: Any) -> None:
+        await provision(store, "m1", apps=("a",))
+        for n in range(1, 5):
+            await store.append_events([NewEvent("report", "m1", {"n": n})], NOW + n * 100)
+        assert await store.trim_events("a", 0, 1000, NOW + 1000) is None
+        alert = await store.trim_events("a", 0, 250, NOW + 500)  # older than NOW + 250
+        assert (alert.payload["first_seq"], alert.payload["last_seq"]) == (1, 2)
+        assert [e.seq for e in await store.events_after("a", 0)] == [3, 4, 5]
+        assert await store.trim_events("nobody", 1, 1, NOW) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_event_listeners_hear_committed_events(self, store: Any) -> None:
+        heard: list[frozenset[str]] = []
+        store.add_event_listener(heard.append)
+
+        def broken(apps: frozenset[str]) -> None:
+            raise RuntimeError("a listener that fails")
+
+        store.add_event_listener(broken)
+        await provision(store, "m1", apps=("a", "b"))
+        await store.append_events([NewEvent("report", "m1", {})], NOW)
+        await store.append_events([NewEvent("alert", None, {}, app="c")], NOW)
+        queued = await store.enqueue(new_instruction("m1", source="a"), NOW)
+        await store.cancel_instruction("m1", queued.iid, NOW)
+        with pytest.raises(TypeError):
+            await store.append_events([NewEvent("report", "m1", {"b": b"x"})], NOW)
+        await store.ack_events("a", 1)
+        assert heard == [frozenset({"a", "b"}), frozenset({"c"}), frozenset({"a"})]
+        store.remove_event_listener(heard.append)
+        store.remove_event_listener(heard.append)
+        await store.append_events([NewEvent("report", "m1", {})], NOW)
+        assert len(heard) == 3
+
+    @pytest_twisted.ensureDeferred
     async def test_append_events_refuses_a_payload_that_is_not_json(self, store: Any) -> None:
         await provision(store, "m1", apps=("a",))
         with pytest.raises(TypeError):
@@ -1004,3 +1151,199 @@ class TestModuleStoreContract:
             "instructions": 0,
             "keys": 0,
         }
+
+
+# -- the key lifecycle (issue 4) ---------------------------------------------------
+
+
+def keygen(module_id: str, kid: int, suite: str = "p256", source: str = "gateway") -> Any:
+    """A ``keygen`` instruction for ``kid`` (its body a Params map)."""
+    from m2mgw.protocol import cbor
+
+    body = cbor.encode({1: suite, 5: 3600, 6: bytes(32), 7: kid, 9: 1})
+    return NewInstruction(module_id, "keygen", body, 80, source=source)
+
+
+class TestKeyLifecycleContract:
+    """Approval, held events, keygen requests, the rotation query and grace."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_pending_approval_holds_events_and_instructions(self, store: Any) -> None:
+        await store.add_modules(
+            [module("m1", status=ModuleStatus.PENDING_APPROVAL, group="north")],
+            apps={"m1": ["app"]},
+        )
+        queued = await store.enqueue(new_instruction("m1"), NOW)
+        report = NewEvent("report", "m1", {"n": 1})
+        alert = NewEvent("alert", "m1", {"code": "tamper"})
+        key_event = NewEvent("key", "m1", {"event": "rejected"})
+        result = await open_session(
+            store,
+            "m1",
+            b"s",
+            effects=PayloadEffects(report=Report("m1", NOW, b"\x01"), events=(report, alert)),
+            delivery=Delivery(budget=1000),
+        )
+        assert result.instructions == () and not result.more
+        more = await store.accept_data(
+            data(
+                b"s",
+                1,
+                effects=PayloadEffects(events=(NewEvent("report", "m1", {"n": 2}), key_event)),
+            )
+        )
+        assert more.instructions == () and not more.more
+        assert await events_of(store, "app") == [
+            (
+                "module",
+                {
+                    "event": "pending-approval",
+                    "module": "m1",
+                    "at": NOW,
+                    "kid": 0,
+                    "suite": "p256",
+                    "group": "north",
+                },
+            ),
+            ("key", {"event": "rejected"}),  # not data: not held
+        ]
+        assert len(await store.list_reports("m1")) == 1
+        # Only the first accepted HELLO raises the event.
+        await open_session(store, "m1", b"t", ts=2)
+        assert len(await events_of(store, "app")) == 2
+
+        approved = await store.decide_approval("m1", True, NOW + 5)
+        assert approved.status is ModuleStatus.ENABLED
+        assert (await store.get_module("m1")).status is ModuleStatus.ENABLED
+        assert (await events_of(store, "app"))[2:] == [
+            ("module", {"event": "approved", "module": "m1", "at": NOW + 5}),
+            ("report", {"n": 1}),
+            ("alert", {"code": "tamper"}),
+            ("report", {"n": 2}),
+        ]
+        flowing = await store.accept_data(data(b"t", 1))
+        assert states(flowing.instructions) == [(queued.iid, InstructionState.SENT)]
+        with pytest.raises(InvalidTransition):
+            await store.decide_approval("m1", True, NOW)
+        with pytest.raises(UnknownModule):
+            await store.decide_approval("ghost", True, NOW)
+
+    @pytest_twisted.ensureDeferred
+    async def test_refusal_disables_and_forgets_the_held_events(self, store: Any) -> None:
+        await store.add_modules(
+            [module("m1", status=ModuleStatus.PENDING_APPROVAL)], apps={"m1": ["app"]}
+        )
+        await open_session(
+            store, "m1", b"s", effects=PayloadEffects(events=(NewEvent("report", "m1", {}),))
+        )
+        refused = await store.decide_approval("m1", False, NOW + 1)
+        assert refused.status is ModuleStatus.DISABLED
+        assert await store.get_session(b"s") is None
+        assert [p["event"] for _, p in await events_of(store, "app")] == [
+            "pending-approval",
+            "disabled",
+        ]
+        await store.set_module_status("m1", ModuleStatus.PENDING_APPROVAL)
+        await store.decide_approval("m1", True, NOW + 2)
+        assert [k for k, _ in await events_of(store, "app")] == ["module"] * 3  # nothing released
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_queued_keygen_is_a_key_event_requested(self, store: Any) -> None:
+        await provision(store, "m1", apps=("app",))
+        queued = await store.enqueue(keygen("m1", 2, source="billing"), NOW)
+        await store.enqueue(NewInstruction("m1", "keygen", b"\xf6", 10), NOW)  # not Params
+        assert await events_of(store, "app") == [
+            (
+                "key",
+                {
+                    "event": "requested",
+                    "kid": 2,
+                    "status": None,
+                    "suite": "p256",
+                    "pid": 1,
+                    "iid": queued.iid,
+                    "source": "billing",
+                },
+            )
+        ]
+
+    @pytest_twisted.ensureDeferred
+    async def test_enqueue_keygen_one_rotation_at_a_time(self, store: Any) -> None:
+        await provision(store, "m1", "m2")
+        first = await store.enqueue_keygen(keygen("m1", 2), NOW)
+        assert first is not None and first.kind == "keygen"
+        assert await store.enqueue_keygen(keygen("m1", 2), NOW) is None
+        await store.cancel_instruction("m1", first.iid, NOW)
+        assert await store.enqueue_keygen(keygen("m1", 2), NOW) is not None
+        # A registered key not yet active is a rotation under way too.
+        await store.add_key(key("m2", 2))
+        assert await store.enqueue_keygen(keygen("m2", 3), NOW) is None
+        with pytest.raises(UnknownModule):
+            await store.enqueue_keygen(keygen("ghost", 1), NOW)
+        assert len(await store.list_instructions("m1")) == 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_keys_due_for_rotation(self, store: Any) -> None:
+        from m2mgw.records import RotationQuery
+
+        active = {"status": KeyStatus.ACTIVE}
+        await store.add_modules(
+            [
+                module("old"),
+                module("young"),
+                module("expiring", group="north"),
+                module("x-suite"),
+                module("busy"),
+                module("pending"),
+                module("off", status=ModuleStatus.DISABLED),
+                module("waiting", status=ModuleStatus.PENDING_APPROVAL),
+                module("no-key"),
+            ],
+            [
+                key("old", 1, activated_at=NOW - 1000, **active),
+                key("old", 2, status=KeyStatus.RETIRED, activated_at=NOW - 5000),
+                key("young", 1, activated_at=NOW - 10, **active),
+                key("expiring", 3, activated_at=NOW - 10, not_after=NOW + 50, **active),
+                key("x-suite", 1, suite="x25519", activated_at=NOW, **active),
+                key("busy", 1, activated_at=NOW - 1000, **active),
+                key("pending", 1, activated_at=NOW - 1000, **active),
+                key("pending", 2),
+                key("off", 1, activated_at=NOW - 1000, **active),
+                key("waiting", 1, activated_at=NOW - 1000, **active),
+            ],
+        )
+        await store.enqueue(keygen("busy", 2), NOW)
+
+        async def due(limit: int = 100, **query: Any) -> list[tuple[str, int]]:
+            found = await store.keys_due_for_rotation(RotationQuery(**query), limit)
+            return [(k.module_id, k.kid) for k in found]
+
+        assert await due() == []  # no criterion: nothing
+        assert await due(activated_before=NOW - 500) == [("old", 1)]
+        assert await due(expiring_before=NOW + 50) == [("expiring", 3)]
+        assert await due(expiring_before=NOW + 49) == []
+        assert await due(suites=("x25519",)) == [("x-suite", 1)]
+        both = {"activated_before": NOW - 5, "expiring_before": NOW + 100}
+        assert await due(**both) == [("expiring", 3), ("old", 1), ("young", 1)]
+        assert await due(**both, groups=("north",)) == [("expiring", 3)]
+        assert await due(**both, groups=()) == []
+        assert await due(**both, exclude_groups=("north",)) == [("old", 1), ("young", 1)]
+        assert await due(limit=1, **both) == [("expiring", 3)]
+        assert await due(limit=2, **both, after_module="expiring") == [("old", 1), ("young", 1)]
+        # The key activated later counts from its activation; one never activated, its creation.
+        await store.add_modules([module("imported")], [key("imported", 1, **active)])
+        assert await due(activated_before=NOW - 50) == [("imported", 1), ("old", 1)]
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_grace_hello_accepts_an_expired_key_and_changes_no_key(
+        self, store: Any
+    ) -> None:
+        await provision(store, "m1")
+        await store.add_key(key("m1", 1, status=KeyStatus.EXPIRED, not_after=NOW - 5))
+        refused = await store.accept_hello(HelloCommit(session("m1", b"s", 1), 1, NOW))
+        assert refused is None
+        await open_session(store, "m1", b"s", kid=1, expired_key_grace=True)
+        assert (await store.get_key("m1", 1)).status is KeyStatus.EXPIRED
+        await store.set_key_status("m1", 1, KeyStatus.REVOKED, NOW)
+        revoked = HelloCommit(session("m1", b"t", 1), 2, NOW, expired_key_grace=True)
+        assert await store.accept_hello(revoked) is None

@@ -53,18 +53,25 @@ from m2mgw.errors import (
     InvalidTransition,
     M2MGWError,
     UnknownInstruction,
+    UnknownKey,
     UnknownModule,
 )
 from m2mgw.instructions.submission import REPLY_OVERHEAD
 from m2mgw.interfaces import ICipherSuite, IModuleStore, IModuleStoreFactory
+from m2mgw.keys import server_rollover as rollover
+from m2mgw.keys.params import ParameterSet, default_set, find_set
+from m2mgw.keys.rotation import params_for_key, request_rotation, retire_suite
+from m2mgw.protocol import cbor
 from m2mgw.records import (
     VOUCHED_BY_OPERATOR,
+    VOUCHED_BY_PSK,
     InstructionState,
     KeyStatus,
     Module,
     ModuleKey,
     ModuleStatus,
     SecurityEvent,
+    ServerKey,
 )
 from m2mgw.registry import lookup
 
@@ -165,6 +172,65 @@ def build_parser() -> argparse.ArgumentParser:
     server_key_commands = server_key.add_subparsers(metavar="ACTION", required=True)
     sub = command(server_key_commands, "show", cmd_server_key_show, "show the server keys")
     sub.add_argument("--suite", help="only this suite's keys")
+    command(
+        server_key_commands,
+        "list",
+        cmd_server_key_list,
+        "every server key with its status, deadline and announcement progress",
+    )
+    sub = command(
+        server_key_commands,
+        "add",
+        cmd_server_key_add,
+        "create one more server key for a suite (rollover: a new skid)",
+    )
+    sub.add_argument("--suite", required=True, help="the suite of the new key")
+    sub = command(
+        server_key_commands,
+        "announce",
+        cmd_server_key_announce,
+        "tell every module of the key's suite about it (an skey instruction each)",
+    )
+    sub.add_argument("skid", metavar="SKID", type=_non_negative_int)
+    sub.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="store operations in flight at once (default 100)",
+    )
+    sub = command(
+        server_key_commands,
+        "retire",
+        cmd_server_key_retire,
+        "retire SKID once the modules told about its successor have confirmed",
+    )
+    sub.add_argument("skid", metavar="SKID", type=_non_negative_int)
+    sub.add_argument(
+        "--deadline",
+        type=_positive_int,
+        metavar="EPOCH",
+        help="retire it at this time at the latest, confirmed or not",
+    )
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="even if no module was told about a successor",
+    )
+
+    gateway_cert = commands.add_parser(
+        "gateway-cert", help="the gateway's TLS certificate for application servers"
+    )
+    gateway_cert_commands = gateway_cert.add_subparsers(metavar="ACTION", required=True)
+    sub = command(
+        gateway_cert_commands,
+        "renew",
+        cmd_gateway_cert_renew,
+        "replace the gateway's TLS key and certificate (then send the gateway SIGHUP)",
+    )
+    sub.add_argument(
+        "--days", type=_positive_int, default=825, help="validity in days (default 825)"
+    )
 
     module = commands.add_parser("module", help="provision and manage modules")
     module_commands = module.add_subparsers(metavar="ACTION", required=True)
@@ -189,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--pending-approval",
         action="store_true",
-        help="authenticate it but hold instructions and data until 'module enable'",
+        help="authenticate it but hold instructions and data until 'module approve'",
+    )
+    sub.add_argument(
+        "--keep-psk",
+        action="store_true",
+        help="keep accepting the PSK once a key is active (default: single use)",
     )
     sub.add_argument(
         "--app",
@@ -210,11 +281,78 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("module_id", metavar="ID")
     sub = command(
         module_commands,
+        "approve",
+        cmd_module_approve,
+        "approve a module waiting for approval: its held data and queued work flow",
+    )
+    sub.add_argument("module_id", metavar="ID")
+    sub = command(
+        module_commands,
+        "refuse",
+        cmd_module_refuse,
+        "refuse a module waiting for approval (it is disabled)",
+    )
+    sub.add_argument("module_id", metavar="ID")
+    sub = command(module_commands, "keys", cmd_module_keys, "the module's key series")
+    sub.add_argument("module_id", metavar="ID")
+    sub = command(
+        module_commands,
+        "revoke-key",
+        cmd_module_revoke_key,
+        "revoke one key of a module (its sessions end at once)",
+    )
+    sub.add_argument("module_id", metavar="ID")
+    sub.add_argument("kid", metavar="KID", type=_positive_int)
+    sub = command(
+        module_commands, "rotate", cmd_module_rotate, "ask a module to rotate its key (keygen)"
+    )
+    sub.add_argument("module_id", metavar="ID")
+    sub.add_argument(
+        "--params",
+        metavar="NAME",
+        help="the parameter set (name or pid; default: the module's policy)",
+    )
+    sub = command(
+        module_commands,
+        "apps",
+        cmd_module_apps,
+        "set (or, without APP, show) the applications a module belongs to",
+    )
+    sub.add_argument("module_id", metavar="ID")
+    sub.add_argument("apps", metavar="APP", nargs="*", help="application principals")
+    sub.add_argument("--none", action="store_true", help="the module belongs to no application")
+    sub = command(
+        module_commands,
         "import",
         cmd_module_import,
         "provision modules from a CSV file, all or none",
     )
     sub.add_argument("file", metavar="FILE.csv", help=f"columns: {', '.join(COLUMNS)}")
+
+    group_parser = commands.add_parser("group", help="groups of modules")
+    group_commands = group_parser.add_subparsers(metavar="ACTION", required=True)
+    sub = command(
+        group_commands,
+        "apps",
+        cmd_group_apps,
+        "set the applications of every module of a group (one transaction)",
+    )
+    sub.add_argument("group_name", metavar="GROUP")
+    sub.add_argument("apps", metavar="APP", nargs="+", help="application principals")
+
+    suite = commands.add_parser("suite", help="the cipher suites modules use")
+    suite_commands = suite.add_subparsers(metavar="ACTION", required=True)
+    sub = command(
+        suite_commands,
+        "retire",
+        cmd_suite_retire,
+        "move every module whose active key is of SUITE to a key of another suite",
+    )
+    sub.add_argument("suite_name", metavar="SUITE")
+    sub.add_argument("--to", required=True, metavar="SUITE", help="the suite of the new keys")
+    sub.add_argument(
+        "--params", metavar="NAME", help="a parameter set of that suite (default: its default)"
+    )
 
     app_cert = commands.add_parser("app-cert", help="application server certificates")
     app_cert_commands = app_cert.add_subparsers(metavar="ACTION", required=True)
@@ -530,6 +668,158 @@ async def cmd_server_key_show(ctx: Context) -> None:
     ctx.emit({"server_keys": keys}, lines)
 
 
+async def _server_key(store: IModuleStore, skid: int) -> ServerKey:
+    for key in await store.list_server_keys():
+        if key.skid == skid:
+            found: ServerKey = key
+            return found
+    raise OperatorError(f"no server key with skid {skid} (see m2mgw-admin server-key list)")
+
+
+async def cmd_server_key_list(ctx: Context) -> None:
+    """``server-key list``: every server key, its status, deadline and announcement."""
+    store = await ctx.store()
+    records = {key.skid: key for key in await store.list_server_keys()}
+    files = dict(ctx.datadir.server_key_files())
+    keys = []
+    rows = []
+    for skid in sorted(set(records) | set(files)):
+        record = records.get(skid)
+        if record is None:
+            entry: dict[str, Any] = {"skid": skid, "suite": files[skid], "status": "unregistered"}
+            entry.update(retire_after=None, announcement=None)
+        else:
+            entry = out.server_key_json(record)
+            entry["retire_after"] = record.retire_after
+            entry["announcement"] = await rollover.announcement_progress(store, skid)
+        entry["file"] = skid in files
+        keys.append(entry)
+        told = entry["announcement"]
+        progress = "-"
+        if told and any(told.values()):
+            progress = " ".join(f"{state} {n}" for state, n in told.items() if n)
+        rows.append(
+            (
+                skid,
+                entry["suite"],
+                entry["status"],
+                out.format_time(entry["retire_after"]),
+                progress,
+                "yes" if entry["file"] else "MISSING",
+            )
+        )
+    headers = ("SKID", "SUITE", "STATUS", "RETIRE AFTER", "ANNOUNCEMENT", "FILE")
+    lines = out.format_table(headers, rows) if rows else ["no server keys (run m2mgw-admin init)"]
+    ctx.emit({"server_keys": keys}, lines)
+
+
+async def cmd_server_key_add(ctx: Context) -> None:
+    """``server-key add``: a new server key of a suite, in the data directory and the store."""
+    suite = ctx.args.suite
+    ctx.suite(suite)  # an unknown name lists the known ones
+    if suite not in ctx.config.suites:
+        raise OperatorError(
+            f"suite {suite} is not served ([gateway] suites: {', '.join(ctx.config.suites)})"
+        )
+    store = await ctx.store()
+    record = ctx.datadir.add_server_key(suite)
+    await store.add_server_key(record)
+    await ctx.audit("server-key-added", None, f"skid {record.skid} suite {suite}")
+    interval = int(ctx.config.jobs.server_key_interval)
+    ctx.emit(
+        {"server_key": out.server_key_json(record)},
+        [
+            f"added server key {record.skid} ({suite})",
+            f"the gateway accepts it after SIGHUP (or within {interval} s); then tell the"
+            f" modules: m2mgw-admin server-key announce {record.skid}",
+        ],
+    )
+
+
+async def cmd_server_key_announce(ctx: Context) -> None:
+    """``server-key announce``: an skey instruction for every module of the key's suite."""
+    config = ctx.config
+    store = await ctx.store()
+    key = await _server_key(store, ctx.args.skid)
+    if key.suite not in config.suites:
+        raise OperatorError(f"skid {key.skid} is of suite {key.suite}, which is not served")
+    loaded = ctx.datadir.server_keys(config.suites)
+    if key.skid not in {pair.skid for pair in loaded}:
+        raise OperatorError(f"skid {key.skid} has no key file in {ctx.datadir.keys_dir}")
+    allowance = rollover.signature_allowance([ctx.suite(n) for n in config.suites], loaded)
+    progress = out.Progress(ctx.stderr, await store.count_modules(), "announcing")
+    try:
+        result = await rollover.announce(
+            store,
+            key,
+            allowance,
+            ctx.now(),
+            batch=ctx.args.batch,
+            progress=lambda told, skipped: progress.update(told + skipped),
+        )
+    except rollover.RolloverRefused as e:
+        raise OperatorError(str(e)) from None
+    finally:
+        progress.finish()
+    detail = f"skid {key.skid}: {result.told} modules told, {result.skipped} left out"
+    await ctx.audit("server-key-announced", None, detail)
+    ctx.emit(
+        {
+            "skid": key.skid,
+            "told": result.told,
+            "skipped": result.skipped,
+            "announcement": await rollover.announcement_progress(store, key.skid),
+        },
+        [
+            f"server key {key.skid} ({key.suite}): {result.told} modules told,"
+            f" {result.skipped} left out (disabled, or of another suite)"
+        ],
+    )
+
+
+async def cmd_server_key_retire(ctx: Context) -> None:
+    """``server-key retire``: the key becomes retiring, and retired once its modules moved."""
+    store = await ctx.store()
+    try:
+        key = await rollover.begin_retirement(
+            store, ctx.args.skid, ctx.now(), deadline=ctx.args.deadline, force=ctx.args.force
+        )
+    except rollover.RolloverRefused as e:
+        raise OperatorError(str(e)) from None
+    deadline = out.format_time(key.retire_after)
+    await ctx.audit("server-key-retiring", None, f"skid {key.skid}, deadline {deadline}")
+    document = out.server_key_json(key)
+    document["retire_after"] = key.retire_after
+    ctx.emit(
+        document,
+        [
+            f"server key {key.skid} ({key.suite}) is retiring: still accepted, retired once"
+            " every module told about its successor has confirmed"
+            + ("" if key.retire_after is None else f", or at {deadline}")
+        ],
+    )
+
+
+async def cmd_gateway_cert_renew(ctx: Context) -> None:
+    """``gateway-cert renew``: a new TLS key and certificate for the gateway."""
+    config = ctx.config
+    cert_path = ctx.datadir.renew_gateway_certificate(
+        config.apps.key_type,
+        config.apps.rsa_bits,
+        tls_names=gateway_tls_names(config.node_name, config.apps.address),
+        days=ctx.args.days,
+    )
+    info = ctx.datadir.tls_certificate_info()
+    await ctx.audit("gateway-cert-renewed", None, f"until {info['gateway_not_after']}")
+    ctx.emit(
+        {"certificate": cert_path, "not_after": info["gateway_not_after"]},
+        [
+            f"renewed {cert_path}, valid until {out.format_time(info['gateway_not_after'])}",
+            "send the gateway SIGHUP: new connections get the new certificate",
+        ],
+    )
+
+
 def _read_user_file(path: str, limit: int, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -578,7 +868,16 @@ async def cmd_module_add(ctx: Context) -> None:
     if psk is None and key is None:
         raise OperatorError("give the module a PSK (--psk or --generate-psk) or --public-key")
     status = ModuleStatus.PENDING_APPROVAL if args.pending_approval else ModuleStatus.ENABLED
-    module = Module(module_id=module_id, status=status, psk=psk, group=group, created_at=now)
+    if args.keep_psk and psk is None:
+        raise OperatorError("--keep-psk needs a PSK (--psk or --generate-psk)")
+    module = Module(
+        module_id=module_id,
+        status=status,
+        psk=psk,
+        psk_reusable=args.keep_psk,
+        group=group,
+        created_at=now,
+    )
     store = await ctx.store()
     try:
         await store.add_modules(
@@ -587,6 +886,8 @@ async def cmd_module_add(ctx: Context) -> None:
     except DuplicateModule:
         raise OperatorError(f"module {module_id!r} already exists") from None
     detail = f"status {status.value}, psk {'yes' if psk else 'no'}"
+    if module.psk_reusable:
+        detail += " (reusable)"
     if key is not None:
         detail += f", key kid {key.kid} suite {key.suite}"
     await ctx.audit("module-added", module_id, detail)
@@ -717,7 +1018,7 @@ async def _set_status(ctx: Context, status: ModuleStatus, reason: str) -> None:
     if before is None:
         raise OperatorError(f"no module {module_id!r}")
     try:
-        await store.set_module_status(module_id, status)
+        await store.set_module_status(module_id, status, ctx.now())
     except UnknownModule:
         raise OperatorError(f"no module {module_id!r}") from None
     await ctx.audit(reason, module_id, f"{before.status.value} -> {status.value}")
@@ -729,12 +1030,264 @@ async def _set_status(ctx: Context, status: ModuleStatus, reason: str) -> None:
 
 async def cmd_module_disable(ctx: Context) -> None:
     """``module disable``: refuse the module from now on (its session ends)."""
+    if await _waiting_for_approval(ctx):
+        await _decide_approval(ctx, approve=False, reason="module-disabled")
+        return
     await _set_status(ctx, ModuleStatus.DISABLED, "module-disabled")
 
 
 async def cmd_module_enable(ctx: Context) -> None:
     """``module enable``: enable a disabled module, or approve a pending one."""
+    if await _waiting_for_approval(ctx):
+        await _decide_approval(ctx, approve=True, reason="module-enabled")
+        return
     await _set_status(ctx, ModuleStatus.ENABLED, "module-enabled")
+
+
+async def _waiting_for_approval(ctx: Context) -> bool:
+    store = await ctx.store()
+    module = await store.get_module(check_module_id(ctx.args.module_id))
+    return module is not None and module.status is ModuleStatus.PENDING_APPROVAL
+
+
+async def _decide_approval(ctx: Context, *, approve: bool, reason: str | None = None) -> None:
+    """
+    Approve or refuse a module waiting for approval (the store's one transaction).
+
+    :param reason: the audit entry's reason (default ``module-approved`` or ``module-refused``).
+    """
+    module_id = check_module_id(ctx.args.module_id)
+    store = await ctx.store()
+    try:
+        module = await store.decide_approval(module_id, approve, ctx.now())
+    except UnknownModule:
+        raise OperatorError(f"no module {module_id!r}") from None
+    except InvalidTransition:
+        current = await store.get_module(module_id)
+        state = current.status.value if current is not None else "gone"
+        raise OperatorError(f"module {module_id!r} is {state}, not waiting for approval") from None
+    if reason is None:
+        reason = "module-approved" if approve else "module-refused"
+    previous = ModuleStatus.PENDING_APPROVAL.value
+    await ctx.audit(reason, module_id, f"{previous} -> {module.status.value}")
+    ctx.emit(
+        {"id": module_id, "status": module.status.value, "previous_status": previous},
+        [f"module {module_id}: {previous} -> {module.status.value}"],
+    )
+
+
+async def cmd_module_apps(ctx: Context) -> None:
+    """``module apps``: set (or show) the applications a module's events go to."""
+    module_id = check_module_id(ctx.args.module_id)
+    apps = check_app_names(ctx.args.apps)
+    store = await ctx.store()
+    if ctx.args.none and apps:
+        raise OperatorError("give applications or --none, not both")
+    if not apps and not ctx.args.none:
+        if await store.get_module(module_id) is None:
+            raise OperatorError(f"no module {module_id!r}")
+        current = await store.get_module_apps(module_id)
+        ctx.emit({"id": module_id, "apps": current}, [" ".join(current) or "(none)"])
+        return
+    try:
+        await store.set_module_apps(module_id, apps)
+    except UnknownModule:
+        raise OperatorError(f"no module {module_id!r}") from None
+    await ctx.audit("module-apps", module_id, " ".join(apps) or "(none)")
+    ctx.emit(
+        {"id": module_id, "apps": apps},
+        [f"module {module_id}: applications {' '.join(apps) or '(none)'}"],
+    )
+
+
+async def cmd_group_apps(ctx: Context) -> None:
+    """``group apps``: set the applications of every module of a group."""
+    group = check_group(ctx.args.group_name)
+    apps = check_app_names(ctx.args.apps)
+    store = await ctx.store()
+    count = await store.set_group_apps(group, apps)
+    if count == 0:
+        raise OperatorError(f"group {group!r} has no module")
+    await ctx.audit("group-apps", None, f"group {group}: {' '.join(apps)} ({count} modules)")
+    ctx.emit(
+        {"group": group, "apps": apps, "modules": count},
+        [f"group {group}: {count} modules now belong to {' '.join(apps)}"],
+    )
+
+
+async def cmd_module_approve(ctx: Context) -> None:
+    """``module approve``: a module waiting for approval becomes enabled; held data flows."""
+    await _decide_approval(ctx, approve=True)
+
+
+async def cmd_module_refuse(ctx: Context) -> None:
+    """``module refuse``: a module waiting for approval is disabled."""
+    await _decide_approval(ctx, approve=False)
+
+
+def _vouched_by(kid: int) -> str:
+    if kid == VOUCHED_BY_PSK:
+        return "psk"
+    if kid == VOUCHED_BY_OPERATOR:
+        return "operator"
+    return f"kid {kid}"
+
+
+async def cmd_module_keys(ctx: Context) -> None:
+    """``module keys``: every key the module ever had, with its dates and voucher."""
+    module_id = check_module_id(ctx.args.module_id)
+    store = await ctx.store()
+    if await store.get_module(module_id) is None:
+        raise OperatorError(f"no module {module_id!r}")
+    keys = await store.list_keys(module_id)
+    rows = [
+        (
+            k.kid,
+            k.suite,
+            k.status.value,
+            k.pid,
+            _vouched_by(k.vouched_by),
+            out.format_time(k.created_at),
+            out.format_time(k.activated_at),
+            out.format_time(k.retired_at),
+            out.format_time(k.not_after),
+        )
+        for k in keys
+    ]
+    headers = (
+        "KID",
+        "SUITE",
+        "STATUS",
+        "PID",
+        "VOUCHED BY",
+        "CREATED",
+        "ACTIVATED",
+        "ENDED",
+        "NOT AFTER",
+    )
+    ctx.emit(
+        {"id": module_id, "keys": [out.module_key_json(k) for k in keys]},
+        out.format_table(headers, rows) if rows else [f"module {module_id} has no keys"],
+    )
+
+
+async def cmd_module_revoke_key(ctx: Context) -> None:
+    """``module revoke-key``: revoke a key; the sessions it opened end at once."""
+    module_id = check_module_id(ctx.args.module_id)
+    kid = parse_kid(ctx.args.kid)
+    store = await ctx.store()
+    before = await store.get_key(module_id, kid)
+    if before is None:
+        raise OperatorError(f"module {module_id!r} has no key {kid}")
+    if before.status is not KeyStatus.REVOKED:
+        try:
+            await store.set_key_status(module_id, kid, KeyStatus.REVOKED, ctx.now())
+        except UnknownKey:
+            raise OperatorError(f"module {module_id!r} has no key {kid}") from None
+        await ctx.audit("key-revoked", module_id, f"kid {kid} ({before.status.value})")
+    ctx.emit(
+        {"id": module_id, "kid": kid, "status": "revoked", "previous_status": before.status.value},
+        [f"module {module_id} key {kid}: {before.status.value} -> revoked (its sessions ended)"],
+    )
+
+
+def _parameter_set(ctx: Context, text: str) -> ParameterSet:
+    try:
+        return find_set(ctx.config.params, text)
+    except KeyError as e:
+        raise OperatorError(str(e.args[0])) from None
+
+
+async def cmd_module_rotate(ctx: Context) -> None:
+    """``module rotate``: queue a ``keygen`` for the module (one at a time)."""
+    module_id = check_module_id(ctx.args.module_id)
+    store = await ctx.store()
+    module = await store.get_module(module_id)
+    if module is None:
+        raise OperatorError(f"no module {module_id!r}")
+    if ctx.args.params is not None:
+        params = _parameter_set(ctx, ctx.args.params)
+    else:
+        keys = await store.list_keys(module_id)
+        active = [k for k in keys if k.status is KeyStatus.ACTIVE]
+        policy = ctx.config.rotation
+        if active:
+            found = params_for_key(
+                active[-1],
+                policy.for_group(module.group),
+                ctx.config.params,
+                policy.retire_suites,
+            )
+        else:
+            found = None
+        if found is None:
+            raise OperatorError(
+                f"module {module_id!r} has no active key to rotate from: name a set with --params"
+            )
+        params = found
+    instruction = await request_rotation(
+        store, module_id, params, ctx.now(), secrets.token_bytes, "operator"
+    )
+    if instruction is None:
+        raise OperatorError(
+            f"a rotation is already under way for {module_id!r} (a keygen queued or sent,"
+            " or a new key not yet active): see 'instruction list' and 'module keys'"
+        )
+    kid = cbor.decode(instruction.body)[7]
+    await ctx.audit(
+        "key-rotation-requested", module_id, f"iid {instruction.iid} kid {kid} {params.name}"
+    )
+    ctx.emit(
+        {**out.instruction_json(instruction), "params": params.name, "pid": params.pid, "kid": kid},
+        [
+            f"queued keygen {instruction.iid} for {module_id}: new key {kid},"
+            f" parameter set {params.name} (pid {params.pid}, suite {params.suite})"
+        ],
+    )
+
+
+async def cmd_suite_retire(ctx: Context) -> None:
+    """``suite retire``: a keygen for every enabled module whose active key is of SUITE."""
+    args = ctx.args
+    ctx.suite(args.suite_name)  # an unknown name lists the known ones
+    ctx.suite(args.to)
+    if args.to == args.suite_name:
+        raise OperatorError("--to must name another suite")
+    if args.to not in ctx.config.suites:
+        raise OperatorError(f"suite {args.to!r} is not one of [gateway] suites")
+    if args.params is not None:
+        params = _parameter_set(ctx, args.params)
+        if params.suite != args.to:
+            raise OperatorError(f"parameter set {params.name!r} is of suite {params.suite}")
+    else:
+        found = default_set(ctx.config.params, args.to)
+        if found is None:
+            raise OperatorError(f"no parameter set of suite {args.to!r}")
+        params = found
+    store = await ctx.store()
+    outcome = await retire_suite(
+        store, args.suite_name, params, ctx.now(), secrets.token_bytes, "operator"
+    )
+    queued = outcome.total
+    busy = sum(outcome.skipped.values())
+    await ctx.audit(
+        "suite-retired",
+        None,
+        f"{args.suite_name} -> {params.name}: {queued} keygens queued, {busy} under way",
+    )
+    ctx.emit(
+        {
+            "suite": args.suite_name,
+            "to": args.to,
+            "params": params.name,
+            "queued": queued,
+            "under_way": busy,
+        },
+        [
+            f"suite {args.suite_name}: {queued} modules asked for a {args.to} key"
+            f" (parameter set {params.name}); {busy} already rotating",
+        ],
+    )
 
 
 async def cmd_module_import(ctx: Context) -> None:

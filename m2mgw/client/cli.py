@@ -70,6 +70,7 @@ from m2mgw.client.transport import (
 from m2mgw.crypto.primitives import MAX_KEY_FILE_BYTES
 from m2mgw.errors import CryptoError, M2MGWError, UnknownPlugin
 from m2mgw.interfaces import ICipherSuite
+from m2mgw.protocol import cbor
 from m2mgw.protocol.bodies import MISSING, ConfStatus, Payload
 from m2mgw.protocol.senml import to_json
 from m2mgw.registry import all_plugins, lookup
@@ -331,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="ask for the gateway's time every N wake-ups (exercises req)",
+    )
+    sub.add_argument(
+        "--confirm-now",
+        action="store_true",
+        help="confirm instructions (and register keys) in the same wake-up, not the next one",
     )
     sub.set_defaults(run=None)
     return parser
@@ -902,13 +908,26 @@ def cmd_show(ctx: Context) -> None:
 
 @dataclass
 class SimulationStats:
-    """What the simulated fleet did."""
+    """
+    What the simulated fleet did.
+
+    :ivar keys_enrolled: modules whose first key became active.
+    :ivar keys_rotated: key rotations completed (a newer key became active).
+    :ivar reports_sent: readings that left in a DataBody.
+    :ivar reports_acknowledged: those whose DataBody the gateway acknowledged
+        (stored exactly once, MGP/1 §8.4); the others wait in a module's
+        outbox and are re-sent at its next wake-up.
+    """
 
     wakes: int = 0
     sent: int = 0
     answered: int = 0
     executed: int = 0
     exchanges: int = 0
+    keys_enrolled: int = 0
+    keys_rotated: int = 0
+    reports_sent: int = 0
+    reports_acknowledged: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
 
@@ -953,6 +972,8 @@ class SimulationStats:
             "sent": self.sent,
             "answered": self.answered,
             "instructions_executed": self.executed,
+            "keys": {"enrolled": self.keys_enrolled, "rotated": self.keys_rotated},
+            "reports": {"sent": self.reports_sent, "acknowledged": self.reports_acknowledged},
             "failures": dict(sorted(self.failures.items())),
             "latency_ms": {
                 "p50": ms(self.percentile(0.50)),
@@ -1096,12 +1117,24 @@ class _Fleet:
         self, endpoint: ModuleEndpoint, store: StateFile, transport: TwistedTransport, index: int
     ) -> None:
         args = self.args
-        save = store.save
+        #: The toks of the DataBodies carrying a reading, not yet acknowledged.
+        readings: set[bytes] = set()
+
+        def save(state: ModuleState) -> None:
+            # Called before every datagram that depends on a change: a new
+            # DataBody is seen here before it leaves.
+            outbox = state.outbox
+            if outbox is not None and outbox.tok not in readings and _carries_data(outbox.body):
+                readings.add(outbox.tok)
+                self.stats.reports_sent += 1
+            store.save(state)
+
         await deferLater(self.reactor, self.random.uniform(0, args.interval), lambda: None)
         wakes = 0
         while self.reactor.seconds() < self.deadline:
             began = self.reactor.seconds()
             wakes += 1
+            active_before = _active_kid(endpoint.state)
             try:
                 state = endpoint.state
                 if args.enroll and state.psk is not None and not state.keys:
@@ -1112,17 +1145,45 @@ class _Fleet:
                     every = args.instructions_every
                     req = ("time",) if every and wakes % every == 0 else ()
                     payload = Payload(data=reading, req=req)
-                    result = await run_twisted(
-                        transport, wake_plan(endpoint, save, payload=payload)
-                    )
+                    plan = wake_plan(endpoint, save, payload=payload, confirm_now=args.confirm_now)
+                    result = await run_twisted(transport, plan)
                 self.stats.add(result)
+                acks = {
+                    reply.body.ack
+                    for outcome in result.exchanges
+                    for reply in outcome.replies
+                    if reply.kind == "data" and reply.body is not None
+                }
+                self.stats.reports_acknowledged += len(acks & readings)
+                readings -= acks
             except (M2MGWError, CommandError) as e:
                 self.stats.wakes += 1
                 self.stats.failures[f"error: {type(e).__name__}"] += 1
+            active_after = _active_kid(endpoint.state)
+            if active_after > active_before:
+                if active_before:
+                    self.stats.keys_rotated += 1
+                else:
+                    self.stats.keys_enrolled += 1
             next_wake = began + args.interval
             delay = next_wake - self.reactor.seconds()
             if delay > 0:
                 await deferLater(self.reactor, delay, lambda: None)
+
+
+def _active_kid(state: ModuleState) -> int:
+    """The module's newest active key (0: none)."""
+    return max((k.kid for k in state.keys.values() if k.status == KeyState.ACTIVE), default=0)
+
+
+def _carries_data(body: bytes) -> bool:
+    """True if a DataBody's payload carries a reading (``pl`` ``data``)."""
+    try:
+        decoded = cbor.decode(body)
+    except M2MGWError:
+        return False
+    payload = decoded.get(5) if isinstance(decoded, dict) else None
+    return isinstance(payload, dict) and 10 in payload
 
 
 def _simulated_execute(kind: str, body: Any) -> tuple[int, Any]:
@@ -1240,6 +1301,9 @@ async def simulate(args: argparse.Namespace, reactor: Any, stdout: IO[str], stde
             f"{len(modules)} modules, {seconds:.1f} s: {document['wakes']} wake-ups, "
             f"{document['sent']} datagrams sent, {document['answered']} replies, "
             f"{document['instructions_executed']} instructions executed\n"
+            f"keys: {document['keys']['enrolled']} enrolled, {document['keys']['rotated']} rotated;"
+            f" reports: {document['reports']['sent']} sent,"
+            f" {document['reports']['acknowledged']} acknowledged\n"
             f"failures: {failure_text}\n"
             f"latency: p50 {fmt(latency['p50'])}, p90 {fmt(latency['p90'])}, "
             f"p99 {fmt(latency['p99'])}\n"

@@ -132,6 +132,8 @@ Executor = Callable[[str, Any], tuple[int, Any]]
 KeyFactory = Callable[[ICipherSuite, RandomSource], Any]
 
 _HELLO_METHODS: Final = {"sig": AuthMethod.SIG, "sdh": AuthMethod.SDH}
+#: The cipher suites found so far, by name (see :meth:`ModuleEndpoint.suite`).
+_FOUND_SUITES: dict[str, ICipherSuite] = {}
 _HINT_MODES: Final = ("alias", "identity", "hidden")
 
 
@@ -561,10 +563,16 @@ class ModuleEndpoint:
 
         :raise ClientError: no such suite is installed.
         """
+        found = _FOUND_SUITES.get(name)
+        if found is not None:
+            return found
         try:
             suite: ICipherSuite = lookup(ICipherSuite, name)
         except UnknownPlugin as e:
             raise ClientError(str(e)) from None
+        # A plugin scan costs more than the crypto of a message: remember what
+        # was found (a suite plugin, once installed, stays the same object).
+        _FOUND_SUITES[name] = suite
         return suite
 
     def _private_key(self, suite: ICipherSuite, der: bytes) -> Any:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from m2mgw.crypto.curves import validate_weierstrass
 from m2mgw.errors import BadKey, BadParameters, BadTag, CryptoError
 
 __all__ = [
@@ -227,6 +228,7 @@ def check_params(
     curve: str | None,
     hash_name: str,
     has_rsa_bits: bool,
+    custom_curves: bool = False,
 ) -> None:
     """
     Validate a Params map for one suite (MGP/1 §9).  Unknown keys are
@@ -234,6 +236,10 @@ def check_params(
 
     :param curve: the suite's curve name, ``None`` if it has none (RSA).
     :param has_rsa_bits: whether key ``4`` (``rsa_bits``) may appear.
+    :param custom_curves: whether the suite supports custom curves (``3``
+        eq); a custom curve is then validated completely
+        (:func:`m2mgw.crypto.curves.validate_weierstrass`) and may not come
+        with a named curve (``2``).
     :raise m2mgw.errors.BadParameters: with the first problem found.
     """
     if not isinstance(params, Mapping):
@@ -254,7 +260,11 @@ def check_params(
     if 2 in params and (curve is None or params[2] != curve):
         raise BadParameters(f"curve {params[2]!r} is not the curve of suite {suite_name!r}")
     if 3 in params:
-        raise BadParameters(f"custom curves not supported by suite {suite_name}")
+        if not custom_curves:
+            raise BadParameters(f"custom curves not supported by suite {suite_name}")
+        if 2 in params:
+            raise BadParameters("Params give both a named curve (2) and a custom curve (3)")
+        _check_custom_curve(params[3])
     if 4 in params:
         bits = params[4]
         if not has_rsa_bits:
@@ -265,6 +275,13 @@ def check_params(
             )
     if 8 in params and params[8] != hash_name:
         raise BadParameters(f"hash {params[8]!r} is not the hash of suite {suite_name!r}")
+
+
+def _check_custom_curve(eq: object) -> None:
+    """Validate Params ``3`` (eq), ``[p, a, b, gx, gy, n, h]``, completely."""
+    if not isinstance(eq, (list, tuple)) or len(eq) != 7 or not all(_is_uint(x) for x in eq):
+        raise BadParameters("Params 3 (eq) must be [p, a, b, gx, gy, n, h] of unsigned integers")
+    validate_weierstrass(*eq)
 
 
 # -- the symmetric half of a suite --------------------------------------------------------
@@ -281,6 +298,8 @@ class CipherSuiteBase:
     supports_sdh: bool = False
     #: True if Params may carry ``4`` (rsa_bits).
     params_have_rsa_bits: bool = False
+    #: True if Params may carry ``3`` (eq), a custom curve, validated completely.
+    supports_custom_curves: bool = False
 
     def __init__(
         self,
@@ -341,7 +360,8 @@ class CipherSuiteBase:
     def check_params(self, params: Mapping[int, Any]) -> None:
         """
         Validate a Params map (MGP/1 §9) for this suite.  No shipped suite
-        supports custom curves (``3`` eq).
+        supports custom curves (``3`` eq); a subclass that sets
+        :attr:`supports_custom_curves` gets them validated completely.
 
         :raise m2mgw.errors.BadParameters: with a reason a person can read.
         """
@@ -351,4 +371,5 @@ class CipherSuiteBase:
             curve=self.curve,
             hash_name=self.hash_name,
             has_rsa_bits=self.params_have_rsa_bits,
+            custom_curves=self.supports_custom_curves,
         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -31,13 +31,29 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from m2mgw.config import ProtocolPolicy
+from m2mgw.config import ProtocolPolicy, RotationConfig, RotationPolicy
 from m2mgw.crypto.randomness import system_random
-from m2mgw.errors import BadKey, BadPoint, BadSignature, BadTag, CryptoError, StoreError
+from m2mgw.errors import (
+    BadKey,
+    BadPoint,
+    BadSignature,
+    BadTag,
+    CryptoError,
+    DecodeError,
+    StoreError,
+)
 from m2mgw.interfaces import ICipherSuite, IModuleStore, RandomSource
+from m2mgw.keys.params import (
+    ParameterSet,
+    complete_sets,
+    default_set,
+    keygen_instruction,
+    rsa_modulus_bits,
+)
 from m2mgw.protocol import cbor, keyschedule
 from m2mgw.protocol.bodies import (
     KIND_KEYGEN,
+    KIND_REHELLO,
     KIND_SKEY,
     MISSING,
     REQ_PARAMS,
@@ -59,7 +75,7 @@ from m2mgw.protocol.bodies import (
     instruction_wire_size,
     parse_data_body,
     parse_hello_plaintext,
-    reply_datagram_size,
+    parse_params,
 )
 from m2mgw.protocol.drops import DropCounters, DropReason
 from m2mgw.protocol.messages import (
@@ -99,14 +115,14 @@ Address = tuple[str, int]
 
 #: Payload key of a keyreg, for ``res`` (MGP/1 §8.2).
 _RES_KEYREG = 12
-#: Random bytes in a keygen Params ``seed`` (MGP/1 §9: 16-32).
-_SEED_BYTES = 32
 #: Transitory alias size (MGP/1 §7: 8-16; the vectors use 12).
 _ALIAS_BYTES = 12
 #: ``stok`` size (MGP/1 §5).
 _STOK_BYTES = 16
 #: How many sid draws before giving up on a (vanishingly unlikely) collision.
 _SID_TRIES = 4
+#: Distinct reply shapes whose instruction budget is remembered (a handful in practice).
+_BUDGET_MEMORY = 1024
 
 
 class ServerKeyPair(Protocol):
@@ -181,10 +197,16 @@ def _decode_outcome(data: bytes) -> tuple[list[ErrorEntry], dict[int, Any]]:
 
 @dataclass(frozen=True)
 class _Credential:
-    """How the module authenticated the HELLO of a session (for keyreg proofs)."""
+    """
+    How the module authenticated the HELLO of a session (for keyreg proofs).
+
+    :ivar grace_until: the key had expired and was accepted in its grace
+        period, which ends then (see :meth:`ModuleController._authenticate`).
+    """
 
     kid: int
     key: ModuleKey | None
+    grace_until: int | None = None
 
 
 class ModuleController:
@@ -198,6 +220,14 @@ class ModuleController:
     :param now: returns the current time in seconds (the reactor's ``seconds``).
     :param random: the randomness source (``sid``, ``stok``, aliases, seeds, RSA-PSS salts).
     :param max_datagram: the largest reply the gateway sends.
+    :param params: the parameter sets by name (``[params.NAME]``); every
+        suite without one gets its built-in set.
+    :param rotation: the rotation policy (grace periods, the set a
+        ``req "params"`` gets, ``rehello`` after a solicited keyreg).
+    :param instruction_poll: the polling variant
+        (:meth:`m2mgw.apps.polling.InstructionPoll.wait_for_instruction`):
+        awaited with the module's identity before the reply to an accepted
+        message claims its instructions; it must not fail.
     """
 
     log = Logger()
@@ -213,10 +243,17 @@ class ModuleController:
         max_datagram: int = 1232,
         session_cache_size: int = 100_000,
         zss_cache_size: int = 100_000,
+        params: Mapping[str, ParameterSet] | None = None,
+        rotation: RotationConfig | None = None,
+        instruction_poll: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
+        self._instruction_poll = instruction_poll
         self._suites = dict(suites)
+        self._params = complete_sets(params or {}, self._suites, policy.key_ttl)
+        self._rotation = rotation if rotation is not None else RotationConfig()
         self._server_keys: dict[int, ServerKeyPair] = {}
+        self._retired_server_keys: dict[int, ServerKeyPair] = {}
         self.set_server_keys(server_keys)
         self._policy = policy
         self._now = now
@@ -231,12 +268,26 @@ class ModuleController:
         self._inflight: dict[bytes, list[Deferred[bytes | None]]] = {}
         self._sessions = _LRU(session_cache_size)
         self._zss = _LRU(zss_cache_size)
+        #: :func:`ins_budget` by what it depends on (sizes, not values); see :meth:`_ins_budget`.
+        self._budgets: dict[tuple[Any, ...], int] = {}
 
     # -- configuration ---------------------------------------------------------------
 
-    def set_server_keys(self, server_keys: Iterable[ServerKeyPair]) -> None:
-        """Replace the accepted server key pairs (server key rollover)."""
-        self._server_keys = {pair.skid: pair for pair in server_keys}
+    def set_server_keys(
+        self, server_keys: Iterable[ServerKeyPair], retired: Iterable[ServerKeyPair] = ()
+    ) -> None:
+        """
+        Replace the server key pairs (server key rollover,
+        :mod:`m2mgw.keys.server_rollover`).
+
+        :param server_keys: the pairs a HELLO may name (``active`` and ``retiring``).
+        :param retired: pairs no HELLO may name any more; the sessions they
+            opened before run on, and they still sign the ``skey``
+            instructions carried in those sessions' replies.
+        """
+        accepted = {pair.skid: pair for pair in server_keys}
+        self._server_keys = accepted
+        self._retired_server_keys = {p.skid: p for p in retired if p.skid not in accepted}
 
     # -- entry point -----------------------------------------------------------------
 
@@ -342,6 +393,10 @@ class ModuleController:
         )
 
         policy = self._policy
+        lifetime = policy.session_lifetime
+        if credential.grace_until is not None:
+            # A grace session ends with the grace period (MGP/1 §9: policy).
+            lifetime = min(lifetime, credential.grace_until - now)
         stok_sid_alias = self._draw_session_randomness()
         sid, stok, alias = stok_sid_alias
         session_keys = keyschedule.session_keys(suite, z_es, stok, sid, module_id, body.kid)
@@ -354,13 +409,21 @@ class ModuleController:
             k_up=session_keys.k_up,
             k_down=session_keys.k_down,
             created_at=now,
-            expires_at=now + policy.session_lifetime,
+            expires_at=now + lifetime,
         )
         outcome = await self._payload(body.pl, module, session, credential, body.ts, now)
+        if credential.grace_until is not None and not outcome.keygen_requested:
+            # The point of the grace session: the module's successor key.
+            keygen = await self._keygen_instruction(module, session, now, if_none=True)
+            if keygen is not None:
+                outcome.effects = replace(
+                    outcome.effects,
+                    new_instructions=(*outcome.effects.new_instructions, keygen),
+                )
         base = ReplyBody(
             ack=body.tok,
             stok=stok,
-            exp=policy.session_lifetime,
+            exp=lifetime,
             time=now,
             alias=alias,
             err=tuple(outcome.err),
@@ -368,7 +431,10 @@ class ModuleController:
         )
         sig_len = self._signature_len(suite, server) if policy.sign_replies else None
         frame = ReplyFrame.hello_reply(sid, tag_len=suite.tag_len, sig_len=sig_len)
-        delivery = self._delivery(module, base, frame)
+        base_bytes = base.encode()
+        delivery = self._delivery(module, base, frame, len(base_bytes))
+        if delivery.budget > 0:
+            await self._poll_applications(module_id)
         commit = HelloCommit(
             session=session,
             ts=body.ts,
@@ -377,6 +443,7 @@ class ModuleController:
             alias=alias,
             alias_expires_at=None if alias is None else now + policy.alias_lifetime,
             delivery=delivery,
+            expired_key_grace=credential.grace_until is not None,
         )
         try:
             result = await self._store.accept_hello(commit)
@@ -389,8 +456,7 @@ class ModuleController:
             raise _Drop(DropReason.STALE_TS, module_id)
         self._note_result(result)
         self._sessions.put(sid, session)
-        reply_body = self._with_instructions(base, result, server, suite)
-        body_bytes = reply_body.encode()
+        body_bytes = self._reply_body_bytes(base, base_bytes, result, server, suite)
         reply_aad = HelloReply.aad_for(sid)
         sig = None
         if policy.sign_replies:
@@ -444,10 +510,13 @@ class ModuleController:
             raise _Drop(DropReason.UNKNOWN_KID, module_id)
         if key.suite != suite.name:
             raise _Drop(DropReason.BAD_KID, module_id)
-        if key.status not in (KeyStatus.ACTIVE, KeyStatus.PENDING):
+        if key.status not in (KeyStatus.ACTIVE, KeyStatus.PENDING, KeyStatus.EXPIRED):
             raise _Drop(DropReason.RETIRED_KID, module_id)
-        if key.not_after is not None and key.not_after <= now:
-            raise _Drop(DropReason.EXPIRED_KID, module_id)
+        grace_until = None
+        if key.status == KeyStatus.EXPIRED or (key.not_after is not None and key.not_after <= now):
+            grace_until = await self._grace_until(module, key, now)
+            if grace_until is None:
+                raise _Drop(DropReason.EXPIRED_KID, module_id)
         if method == AuthMethod.SIG:
             try:
                 suite.verify(key.public, value, tbs)
@@ -467,7 +536,37 @@ class ModuleController:
             expected = keyschedule.sdh_mac(suite, z_ss, epk, tbs)
             if not hmac.compare_digest(expected, value):
                 raise _Drop(DropReason.BAD_SIGNATURE, module_id)
-        return _Credential(kid, key)
+        return _Credential(kid, key, grace_until)
+
+    def _rotation_policy(self, module: Module) -> RotationPolicy:
+        return self._rotation.for_group(module.group)
+
+    async def _grace_until(self, module: Module, key: ModuleKey, now: int) -> int | None:
+        """
+        The end of an expired key's grace period, or ``None`` if it has none now.
+
+        The rule (policy ``grace``, per module group, default 0 = none): the
+        module's *last active* key -- one that was activated, is ``active``
+        or ``expired`` (never retired or revoked), and has no newer key
+        ``active`` or ``pending`` -- may open sessions for ``grace`` seconds
+        after its ``not_after``, to vouch for one successor.  Such a session
+        ends with the grace period, and its HELLO_REPLY carries a ``keygen``
+        if none is outstanding.  Once the successor is registered the old
+        key has a newer pending key and its grace is over.
+        """
+        grace = self._rotation_policy(module).grace
+        if grace <= 0 or key.not_after is None or key.activated_at is None:
+            return None
+        if key.status not in (KeyStatus.ACTIVE, KeyStatus.EXPIRED):
+            return None
+        end = key.not_after + grace
+        if now >= end:
+            return None
+        keys = await self._store.list_keys(module.module_id)
+        newer = (KeyStatus.ACTIVE, KeyStatus.PENDING)
+        if any(other.kid > key.kid and other.status in newer for other in keys):
+            return None
+        return end
 
     # -- DATA (MGP/1 §8) -------------------------------------------------------------
 
@@ -518,6 +617,8 @@ class ModuleController:
             res=outcome.res,
         )
         frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=suite.tag_len)
+        base_bytes = base.encode()
+        await self._poll_applications(session.module_id)
         commit = DataCommit(
             sid=data.sid,
             ctr=data.ctr,
@@ -526,7 +627,7 @@ class ModuleController:
             now=now,
             effects=outcome.effects,
             outcome=outcome.encode_outcome(),
-            delivery=self._delivery(module, base, frame),
+            delivery=self._delivery(module, base, frame, len(base_bytes)),
         )
         result = await self._store.accept_data(commit)
         if result is None:
@@ -536,32 +637,77 @@ class ModuleController:
         if result.duplicate_outcome is not None:
             err, res = _decode_outcome(result.duplicate_outcome)
             base = replace(base, err=tuple(err), res=res)
-        server = self._server_keys.get(session.skid)
-        reply_body = self._with_instructions(base, result, server, suite)
-        if reply_datagram_size(reply_body, frame) > self._max_datagram:
+            base_bytes = base.encode()
+        server = self._server_keys.get(session.skid) or self._retired_server_keys.get(session.skid)
+        body_bytes = self._reply_body_bytes(base, base_bytes, result, server, suite)
+        if frame.datagram_size(len(body_bytes)) > self._max_datagram:
             # Only possible when a remembered outcome is larger than the new
             # one; the instructions stay sent and ride in the next reply.
-            reply_body = replace(base, ins=(), more=True)
+            body_bytes = replace(base, ins=(), more=True).encode()
         ct = suite.seal(
             session.k_down,
             nonce,
             DataReply.aad_for(data.sid, data.ctr),
-            reply_body.encode(),
+            body_bytes,
         )
         return DataReply(data.sid, data.ctr, ct).encode()
 
     # -- replies ------------------------------------------------------------------------
 
-    def _delivery(self, module: Module | None, base: ReplyBody, frame: ReplyFrame) -> Delivery:
-        if module is not None and module.status == ModuleStatus.PENDING_APPROVAL:
-            return Delivery(budget=0, max_attempts=self._policy.max_attempts)
+    async def _poll_applications(self, module_id: str) -> None:
+        """
+        The polling variant (``[modules] poll_apps_ms``): give the module's
+        applications a chance to queue an instruction for this very reply.
+        """
+        if self._instruction_poll is not None:
+            await self._instruction_poll(module_id)
+
+    def _delivery(
+        self, module: Module | None, base: ReplyBody, frame: ReplyFrame, base_size: int
+    ) -> Delivery:
+        """
+        How many bytes of instructions the reply to ``base`` (``base_size``
+        bytes) can carry.  (A module waiting for approval claims none: the
+        store decides that, in the transaction that knows its status.)
+        """
         return Delivery(
-            budget=ins_budget(base, frame, self._max_datagram),
+            budget=self._ins_budget(base, frame, base_size),
             max_attempts=self._policy.max_attempts,
         )
 
+    def _ins_budget(self, base: ReplyBody, frame: ReplyFrame, base_size: int) -> int:
+        """
+        :func:`ins_budget`, remembered by all it depends on: the size of
+        ``base`` (without instructions) and its number of map keys, and the
+        sizes in ``frame`` -- not their values, so a few entries serve every reply.
+        """
+        fields = 1 + bool(base.err) + bool(base.res)
+        fields += sum(value is not None for value in (base.stok, base.exp, base.time, base.alias))
+        ctr_size = None if frame.ctr is None else len(cbor.encode(frame.ctr))
+        key = (base_size, fields, len(frame.sid), ctr_size, frame.sig_len, frame.tag_len)
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = ins_budget(base, frame, self._max_datagram)
+            if len(self._budgets) >= _BUDGET_MEMORY:
+                self._budgets.clear()
+            self._budgets[key] = budget
+        return budget
+
     def _note_result(self, result: ExchangeResult) -> None:
         self.ignored_confirmations += result.ignored_confirmations
+
+    def _reply_body_bytes(
+        self,
+        base: ReplyBody,
+        base_bytes: bytes,
+        result: ExchangeResult,
+        server: ServerKeyPair | None,
+        suite: ICipherSuite,
+    ) -> bytes:
+        """The reply body: ``base`` (encoded: ``base_bytes``) with the instructions claimed."""
+        if not result.instructions and not result.more:
+            return base_bytes
+        return self._with_instructions(base, result, server, suite).encode()
 
     def _with_instructions(
         self,
@@ -649,7 +795,7 @@ class ModuleController:
             if request == REQ_TIME:
                 outcome.want_time = True
             elif request == REQ_PARAMS:
-                keygen = await self._keygen_instruction(module, session, now)
+                keygen = await self._keygen_instruction(module, session, now, if_none=False)
                 if keygen is None:
                     outcome.err.append(ErrorEntry(ErrorCode.NOT_PERMITTED, "no rotation now"))
                 else:
@@ -660,6 +806,11 @@ class ModuleController:
         if payload.keyreg is not None:
             result, new_key = await self._keyreg(payload.keyreg, module, session, credential, now)
             outcome.res[_RES_KEYREG] = result.to_cbor()
+            if result.status != KeyRegStatus.ACCEPTED:
+                events.append(_rejected_event(module_id, payload.keyreg, result))
+            elif new_key is not None and new_key.pid != 0 and self._rotation.rehello:
+                # A gateway-driven rotation: activate the new key at once.
+                new_instructions.append(_rehello_instruction(module_id))
         outcome.effects = PayloadEffects(
             report=report,
             confirmations=confirmations,
@@ -669,39 +820,38 @@ class ModuleController:
         )
         return outcome
 
-    def _default_params(self, suite: ICipherSuite, kid: int) -> Params:
-        """The gateway's default parameter set for ``suite`` (pid 1)."""
-        return Params(
-            suite=suite.name,
-            ttl=self._policy.key_ttl,
-            seed=self._random(_SEED_BYTES),
-            kid=kid,
-            pid=1,
-            curve=suite.curve,
-            rsa_bits=2048 if suite.curve is None else None,
-            hash=suite.hash_name,
-        )
+    def _params_for(self, module: Module, suite_name: str) -> ParameterSet | None:
+        """The parameter set of a ``keygen`` for a ``suite_name`` key, by the module's policy."""
+        for named in (
+            self._rotation.retire_suites.get(suite_name, ""),
+            self._rotation_policy(module).params,
+        ):
+            if named and named in self._params:
+                return self._params[named]
+        return default_set(self._params, suite_name)
 
     async def _keygen_instruction(
-        self, module: Module | None, session: Session, now: int
+        self, module: Module | None, session: Session, now: int, *, if_none: bool
     ) -> NewInstruction | None:
-        """A ``keygen`` for ``req "params"``; ``None`` when policy allows no rotation now."""
+        """
+        A ``keygen`` for the module (``req "params"``, a grace session);
+        ``None`` when policy allows no rotation now (the module is not
+        enabled, no parameter set applies) or, with ``if_none``, when one is
+        under way already.
+        """
         if module is None or module.status != ModuleStatus.ENABLED:
             return None
-        suite = self._suites.get(session.suite)
-        if suite is None:
+        param_set = self._params_for(module, session.suite)
+        if param_set is None:
             return None
         keys = await self._store.list_keys(module.module_id)
+        if if_none and (
+            any(key.status == KeyStatus.PENDING for key in keys)
+            or await self._expected_keygen(module.module_id)
+        ):
+            return None
         next_kid = max((key.kid for key in keys), default=0) + 1
-        params = self._default_params(suite, next_kid)
-        body = params.to_cbor()
-        return NewInstruction(
-            module_id=module.module_id,
-            kind=KIND_KEYGEN,
-            body=cbor.encode(body),
-            wire_size=instruction_wire_size(KIND_KEYGEN, body),
-            source="gateway",
-        )
+        return keygen_instruction(module.module_id, param_set, next_kid, self._random, "gateway")
 
     async def _expected_keygen(self, module_id: str) -> list[Params]:
         """The Params of the module's outstanding keygen instructions."""
@@ -712,16 +862,10 @@ class ModuleController:
         for instruction in pending:
             if instruction.kind != KIND_KEYGEN:
                 continue
-            body = cbor.decode(instruction.body)
-            found.append(
-                Params(
-                    suite=body[1],
-                    ttl=body[5],
-                    seed=body[6],
-                    kid=body[7],
-                    pid=body[9],
-                )
-            )
+            try:
+                found.append(parse_params(cbor.decode(instruction.body)))
+            except (DecodeError, ValueError):
+                continue  # not Params (an operator's hand-made body): nothing to match
         return found
 
     async def _keyreg(
@@ -748,6 +892,7 @@ class ModuleController:
         keys = await self._store.list_keys(module_id)
         taken = {key.kid for key in keys}
         ttl = self._policy.key_ttl
+        params: Params | None = None
         if keyreg.pid == 0:
             expected_kid = max((key.kid for key in keys), default=0) + 1
         else:
@@ -757,11 +902,20 @@ class ModuleController:
             params = next((p for p in match if p.kid == keyreg.kid), match[-1])
             if params.suite != keyreg.suite:
                 return refuse(KeyRegStatus.NOT_ACCEPTABLE, "suite differs from the Params")
+            if params.curve is not None and params.curve != suite.curve:
+                return refuse(KeyRegStatus.NOT_ACCEPTABLE, "curve differs from the Params")
             expected_kid, ttl = params.kid, params.ttl
         try:
             suite.validate_public_key(keyreg.pub)
         except BadKey:
             return refuse(KeyRegStatus.NOT_ACCEPTABLE, "public key not acceptable")
+        if params is not None and params.rsa_bits is not None:
+            bits = rsa_modulus_bits(keyreg.pub)
+            if bits != params.rsa_bits:
+                return refuse(
+                    KeyRegStatus.NOT_ACCEPTABLE,
+                    f"RSA modulus size differs from the Params ({bits})",
+                )
         if keyreg.kid != expected_kid or keyreg.kid in taken:
             return refuse(KeyRegStatus.WRONG_KID, f"expected kid {expected_kid}")
         tbs_k = keyschedule.keyreg_tbs(module_id, keyreg.kid, keyreg.pub, keyreg.suite, keyreg.pid)
@@ -800,3 +954,33 @@ class ModuleController:
             pid=keyreg.pid,
         )
         return KeyRegResult(keyreg.kid, int(KeyRegStatus.ACCEPTED)), key
+
+
+def _rejected_event(
+    module_id: str, keyreg: KeyReg | InvalidKeyReg, result: KeyRegResult
+) -> NewEvent:
+    """The ``key`` event ``rejected`` for a refused key registration, with its reason."""
+    return NewEvent(
+        "key",
+        module_id,
+        {
+            "event": "rejected",
+            "kid": result.kid,
+            "status": None,
+            "suite": keyreg.suite if isinstance(keyreg, KeyReg) else None,
+            "pid": keyreg.pid if isinstance(keyreg, KeyReg) else None,
+            "code": result.status,
+            "reason": result.reason,
+        },
+    )
+
+
+def _rehello_instruction(module_id: str) -> NewInstruction:
+    """A ``rehello`` (MGP/1 §8.2): open a new session now, with the key just registered."""
+    return NewInstruction(
+        module_id=module_id,
+        kind=KIND_REHELLO,
+        body=cbor.encode(None),
+        wire_size=instruction_wire_size(KIND_REHELLO, None),
+        source="gateway",
+    )

@@ -5,6 +5,11 @@ a way to run a transaction and the operations of :mod:`m2mgw.store.operations`.
 A store subclasses it and says how it runs a reading and a writing
 transaction over its :class:`~m2mgw.store.tables.Tables`; every method of the
 interface is defined here, once, for all stores.
+
+After a writing transaction that appended application events commits, the
+store tells its event listeners which applications got events
+(:meth:`TransactionalStore.add_event_listener`): the application listener
+pushes them at once instead of waiting for its next poll.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from m2mgw.records import (
     DataCommit,
@@ -29,6 +35,7 @@ from m2mgw.records import (
     NewEvent,
     NewInstruction,
     Report,
+    RotationQuery,
     SecurityEvent,
     ServerKey,
     ServerKeyStatus,
@@ -42,23 +49,63 @@ T = TypeVar("T")
 #: A unit of work: runs inside one transaction and returns its result.
 Work = Callable[[Tables], T]
 
+#: Told, after a commit, the applications that the transaction appended events to.
+EventListener = Callable[[frozenset[str]], object]
+
 
 class TransactionalStore(abc.ABC):
     """The :class:`~m2mgw.interfaces.IModuleStore` methods, over two transaction runners."""
 
     name = ""
+    log = Logger()
+    _event_listeners: tuple[EventListener, ...] = ()
 
     @abc.abstractmethod
     def _read(self, work: Work[T]) -> Deferred[T]:
         """Run ``work``, which only reads, in a transaction; fire with its result."""
 
     @abc.abstractmethod
-    def _write(self, work: Work[T]) -> Deferred[T]:
+    def _commit(self, work: Work[T]) -> Deferred[T]:
         """
         Run ``work`` in a transaction that commits (durably) all of its
         changes if it returns, and none if it raises; fire with its result or
         its exception once committed.
         """
+
+    def _write(self, work: Work[T]) -> Deferred[T]:
+        """
+        :meth:`_commit` ``work``; then, if it appended events, tell the event
+        listeners which applications got them.
+        """
+        appended: set[str] = set()
+
+        def run(tables: Tables) -> T:
+            tables.appended_to = appended
+            try:
+                return work(tables)
+            finally:
+                tables.appended_to = None
+
+        return self._commit(run).addCallback(self._announce, appended)
+
+    def _announce(self, result: T, appended: set[str]) -> T:
+        """Call the event listeners with the applications in ``appended`` (if any)."""
+        if appended:
+            apps = frozenset(appended)
+            for listener in self._event_listeners:
+                try:
+                    listener(apps)
+                except Exception:
+                    self.log.failure("an event listener failed")
+        return result
+
+    # -- event notification ----------------------------------------------------------
+
+    def add_event_listener(self, listener: EventListener) -> None:
+        self._event_listeners = (*self._event_listeners, listener)
+
+    def remove_event_listener(self, listener: EventListener) -> None:
+        self._event_listeners = tuple(x for x in self._event_listeners if x != listener)
 
     # -- modules and PSKs ----------------------------------------------------------
 
@@ -81,8 +128,18 @@ class TransactionalStore(abc.ABC):
     def count_modules(self) -> Deferred[int]:
         return self._read(lambda tables: tables.count_modules())
 
-    def set_module_status(self, module_id: str, status: ModuleStatus) -> Deferred[None]:
-        return self._write(lambda tables: operations.set_module_status(tables, module_id, status))
+    def set_module_status(
+        self, module_id: str, status: ModuleStatus, now: int | None = None
+    ) -> Deferred[None]:
+        def work(tables: Tables) -> None:
+            operations.set_module_status(tables, module_id, status, now)
+
+        return self._write(work)
+
+    def decide_approval(self, module_id: str, approve: bool, now: int) -> Deferred[Module]:
+        return self._write(
+            lambda tables: operations.decide_approval(tables, module_id, approve, now)
+        )
 
     # -- the key series ------------------------------------------------------------
 
@@ -103,6 +160,11 @@ class TransactionalStore(abc.ABC):
 
         return self._write(work)
 
+    def keys_due_for_rotation(
+        self, query: RotationQuery, limit: int = 1000
+    ) -> Deferred[list[ModuleKey]]:
+        return self._read(lambda tables: operations.keys_due_for_rotation(tables, query, limit))
+
     # -- server key references -----------------------------------------------------
 
     def add_server_key(self, key: ServerKey) -> Deferred[None]:
@@ -111,8 +173,13 @@ class TransactionalStore(abc.ABC):
     def list_server_keys(self) -> Deferred[list[ServerKey]]:
         return self._read(lambda tables: tables.list_server_keys())
 
-    def set_server_key_status(self, skid: int, status: ServerKeyStatus) -> Deferred[None]:
-        return self._write(lambda tables: operations.set_server_key_status(tables, skid, status))
+    def set_server_key_status(
+        self, skid: int, status: ServerKeyStatus, retire_after: int | None = None
+    ) -> Deferred[None]:
+        def work(tables: Tables) -> None:
+            operations.set_server_key_status(tables, skid, status, retire_after)
+
+        return self._write(work)
 
     # -- sessions, replay state and aliases ----------------------------------------
 
@@ -140,6 +207,9 @@ class TransactionalStore(abc.ABC):
     def enqueue(self, instruction: NewInstruction, now: int) -> Deferred[Instruction]:
         return self._write(lambda tables: operations.enqueue(tables, instruction, now))
 
+    def enqueue_keygen(self, instruction: NewInstruction, now: int) -> Deferred[Instruction | None]:
+        return self._write(lambda tables: operations.enqueue_keygen(tables, instruction, now))
+
     def get_instruction(self, module_id: str, iid: int) -> Deferred[Instruction | None]:
         return self._read(lambda tables: tables.get_instruction(module_id, iid))
 
@@ -151,6 +221,13 @@ class TransactionalStore(abc.ABC):
     ) -> Deferred[list[Instruction]]:
         states = tuple(states)
         return self._read(lambda tables: tables.list_instructions(module_id, states, limit))
+
+    def count_instructions(self, source: str, idempotency_key: str) -> Deferred[dict[str, int]]:
+        def work(tables: Tables) -> dict[str, int]:
+            counts = tables.count_instructions_by_key(source, idempotency_key)
+            return {state.value: counts.get(state, 0) for state in InstructionState}
+
+        return self._read(work)
 
     def cancel_instruction(self, module_id: str, iid: int, now: int) -> Deferred[Instruction]:
         return self._write(
@@ -178,6 +255,29 @@ class TransactionalStore(abc.ABC):
 
     def acked_seq(self, app: str) -> Deferred[int]:
         return self._read(lambda tables: tables.outbox_position(app)[0])
+
+    def outbox_position(self, app: str) -> Deferred[tuple[int, int]]:
+        return self._read(lambda tables: tables.outbox_position(app))
+
+    def list_app_modules(
+        self, app: str, offset: int = 0, limit: int = 1000
+    ) -> Deferred[list[Module]]:
+        return self._read(lambda tables: tables.list_app_modules(app, offset, limit))
+
+    def set_group_apps(self, group: str, apps: Sequence[str]) -> Deferred[int]:
+        apps = tuple(apps)
+        return self._write(lambda tables: operations.set_group_apps(tables, group, apps))
+
+    def outbox_apps(self) -> Deferred[list[str]]:
+        return self._read(lambda tables: tables.outbox_apps())
+
+    def trim_events(
+        self, app: str, max_events: int, max_age: int, now: int
+    ) -> Deferred[Event | None]:
+        def work(tables: Tables) -> Event | None:
+            return operations.trim_events(tables, app, max_events, max_age, now)
+
+        return self._write(work)
 
     def list_reports(self, module_id: str, limit: int = 100) -> Deferred[list[Report]]:
         return self._read(lambda tables: tables.list_reports(module_id, limit))

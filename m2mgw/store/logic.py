@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from m2mgw.errors import DecodeError
+from m2mgw.protocol import cbor
 from m2mgw.records import (
     Confirmation,
     Delivery,
@@ -23,6 +25,7 @@ from m2mgw.records import (
     ModuleKey,
     NewEvent,
     NewInstruction,
+    RotationQuery,
 )
 
 #: How many DATA ``tok`` values (with their outcome) a store remembers per module (MGP/1 §8.4).
@@ -40,8 +43,27 @@ PENDING_STATES = (InstructionState.QUEUED, InstructionState.SENT)
 #: The key states that can open a session.
 USABLE_KEY_STATES = (KeyStatus.ACTIVE, KeyStatus.PENDING)
 
+#: The key states an expired key may be in and still open a session in its grace period.
+GRACE_KEY_STATES = (KeyStatus.ACTIVE, KeyStatus.EXPIRED)
+
 #: The key states that end a key's use; entering one stamps ``retired_at``.
 ENDED_KEY_STATES = (KeyStatus.RETIRED, KeyStatus.EXPIRED, KeyStatus.REVOKED)
+
+#: The ``event`` of a ``key`` event, by the key's new status.
+KEY_EVENTS = {
+    KeyStatus.PENDING: "registered",
+    KeyStatus.ACTIVE: "activated",
+    KeyStatus.RETIRED: "retired",
+    KeyStatus.EXPIRED: "expired",
+    KeyStatus.REVOKED: "revoked",
+}
+
+#: The instruction kind whose queuing is a key event ``requested`` (MGP/1 §8.2).
+KEYGEN_KIND = "keygen"
+
+#: Event kinds raised by a module's payload that wait while the module waits
+#: for approval: forwarding data is what approval allows.
+HELD_EVENT_KINDS = frozenset({"report", "alert"})
 
 
 def fits_int64(value: int) -> bool:
@@ -209,6 +231,27 @@ def key_with_status(key: ModuleKey, status: KeyStatus, now: int) -> ModuleKey:
     return replace(key, status=status)
 
 
+def rotation_group_matches(group: str, query: RotationQuery) -> bool:
+    """True if a module of ``group`` is among those ``query`` selects by group."""
+    if query.groups is not None and group not in query.groups:
+        return False
+    return group not in query.exclude_groups
+
+
+def rotation_due(key: ModuleKey, query: RotationQuery) -> bool:
+    """True if the active ``key`` is due for rotation by age, expiry or suite under ``query``."""
+    started = key.activated_at if key.activated_at is not None else key.created_at
+    if query.activated_before is not None and started <= query.activated_before:
+        return True
+    if (
+        query.expiring_before is not None
+        and key.not_after is not None
+        and key.not_after <= query.expiring_before
+    ):
+        return True
+    return key.suite in query.suites
+
+
 def key_expired(key: ModuleKey, now: int) -> bool:
     """True if the key is usable by status but its ``not_after`` has passed."""
     return key.status in USABLE_KEY_STATES and key.not_after is not None and key.not_after < now
@@ -256,7 +299,79 @@ def key_event(key: ModuleKey) -> NewEvent:
     return NewEvent(
         kind="key",
         module_id=key.module_id,
-        payload={"kid": key.kid, "status": key.status.value, "suite": key.suite},
+        payload={
+            "event": KEY_EVENTS[key.status],
+            "kid": key.kid,
+            "status": key.status.value,
+            "suite": key.suite,
+        },
+    )
+
+
+def keygen_requested_event(instruction: Instruction) -> NewEvent | None:
+    """
+    The ``key`` event ``requested`` for a queued ``keygen`` instruction, from
+    its Params (``suite`` 1, ``kid`` 7, ``pid`` 9); ``None`` for another kind
+    or a body that is not a Params map.
+    """
+    if instruction.kind != KEYGEN_KIND:
+        return None
+    try:
+        params = cbor.decode(instruction.body)
+    except DecodeError:
+        return None
+    if not isinstance(params, dict):
+        return None
+    kid, suite, pid = params.get(7), params.get(1), params.get(9)
+    if not isinstance(kid, int) or not isinstance(suite, str) or not fits_int64(kid):
+        return None
+    return NewEvent(
+        kind="key",
+        module_id=instruction.module_id,
+        payload={
+            "event": "requested",
+            "kid": kid,
+            "status": None,
+            "suite": suite,
+            "pid": pid if isinstance(pid, int) and fits_int64(pid) else None,
+            "iid": instruction.iid,
+            "source": instruction.source,
+        },
+    )
+
+
+def module_event(module_id: str, event: str, now: int, **fields: Any) -> NewEvent:
+    """A ``module`` event (``pending-approval``, ``approved``, ``disabled``) for its apps."""
+    return NewEvent(
+        kind="module",
+        module_id=module_id,
+        payload={"event": event, "module": module_id, "at": now, **fields},
+    )
+
+
+#: The syslog severity of the gateway's own alerts (3: error).
+ALERT_LEVEL_ERROR = 3
+
+
+def events_dropped_event(
+    app: str, first_seq: int, last_seq: int, max_events: int, max_age: int
+) -> NewEvent:
+    """The ``alert`` telling ``app`` that its events ``first_seq``-``last_seq`` were dropped."""
+    dropped = last_seq - first_seq + 1
+    limits = f"{max_events or 'unlimited'} events, {max_age or 'unlimited'} s"
+    return NewEvent(
+        kind="alert",
+        module_id=None,
+        payload={
+            "origin": "gateway",
+            "code": "events-dropped",
+            "level": ALERT_LEVEL_ERROR,
+            "text": f"{dropped} unacknowledged events were dropped (retention: {limits})",
+            "dropped": dropped,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+        },
+        app=app,
     )
 
 

@@ -26,16 +26,19 @@ from m2mgw.records import (
     Event,
     Instruction,
     InstructionState,
+    KeyStatus,
     Module,
     ModuleKey,
+    ModuleStatus,
     Report,
+    RotationQuery,
     SecurityEvent,
     ServerKey,
     Session,
 )
 from m2mgw.store import logic
 from m2mgw.store.base import TransactionalStore, Work
-from m2mgw.store.tables import Tables
+from m2mgw.store.tables import HeldEvent, Tables
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -68,6 +71,8 @@ class MemoryData:
     outbox: dict[str, dict[int, tuple[Event, str]]] = field(default_factory=dict)
     #: Per application: ``(acked_seq, last_seq)``.
     outbox_position: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Per module waiting for approval: its held events, oldest first.
+    held: dict[str, tuple[HeldEvent, ...]] = field(default_factory=dict)
     #: Per module: insertion number -> report.
     reports: dict[str, dict[int, Report]] = field(default_factory=dict)
     security_events: dict[int, SecurityEvent] = field(default_factory=dict)
@@ -167,6 +172,33 @@ class MemoryTables(Tables):
             for key in self.list_keys(module_id)
             if logic.key_expired(key, now)
         ]
+
+    def keys_due_for_rotation(self, query: RotationQuery, limit: int) -> list[ModuleKey]:
+        found: list[ModuleKey] = []
+        for module_id in sorted(self._data.keys):
+            if module_id <= query.after_module:
+                continue
+            module = self._data.modules[module_id]
+            if module.status is not ModuleStatus.ENABLED or not logic.rotation_group_matches(
+                module.group, query
+            ):
+                continue
+            series = self.list_keys(module_id)
+            if any(key.status is KeyStatus.PENDING for key in series):
+                continue
+            active = [key for key in series if key.status is KeyStatus.ACTIVE]
+            if not active or not logic.rotation_due(active[-1], query):
+                continue
+            instructions = self._data.instructions.get(module_id, {})
+            if any(
+                instructions[iid].kind == logic.KEYGEN_KIND
+                for iid in self._data.pending.get(module_id, ())
+            ):
+                continue
+            found.append(active[-1])
+            if len(found) == limit:
+                break
+        return found
 
     # -- server keys ---------------------------------------------------------------
 
@@ -285,6 +317,14 @@ class MemoryTables(Tables):
         iid = self._data.idempotency.get((module_id, source, key))
         return None if iid is None else self.get_instruction(module_id, iid)
 
+    def count_instructions_by_key(self, source: str, key: str) -> dict[InstructionState, int]:
+        counts: dict[InstructionState, int] = {}
+        for (module_id, held_source, held_key), iid in self._data.idempotency.items():
+            instruction = self._data.instructions.get(module_id, {}).get(iid)
+            if held_source == source and held_key == key and instruction is not None:
+                counts[instruction.state] = counts.get(instruction.state, 0) + 1
+        return counts
+
     def pending_instructions(self, module_id: str, after_iid: int, limit: int) -> list[Instruction]:
         found: list[Instruction] = []
         instructions = self._data.instructions.get(module_id, {})
@@ -326,6 +366,18 @@ class MemoryTables(Tables):
     def set_module_apps(self, module_id: str, apps: Sequence[str]) -> None:
         self._set(self._data.apps, module_id, tuple(apps))
 
+    def list_app_modules(self, app: str, offset: int, limit: int) -> list[Module]:
+        ids = sorted(module_id for module_id, apps in self._data.apps.items() if app in apps)
+        return [self._data.modules[module_id] for module_id in ids[offset : offset + limit]]
+
+    def outbox_apps(self) -> list[str]:
+        return sorted(self._data.outbox_position)
+
+    def last_event_seq_before(self, app: str, created_before: int) -> int:
+        stored = self._data.outbox.get(app, {})
+        before = (n for n, (event, _) in stored.items() if event.created_at < created_before)
+        return max(before, default=0)
+
     def next_event_seq(self, app: str) -> int:
         acked, last = self._data.outbox_position.get(app, (0, 0))
         self._set(self._data.outbox_position, app, (acked, last + 1))
@@ -333,6 +385,18 @@ class MemoryTables(Tables):
 
     def insert_event(self, event: Event, payload_text: str) -> None:
         self._set(self._inner(self._data.outbox, event.app), event.seq, (event, payload_text))
+
+    def hold_event(
+        self, module_id: str, kind: str, app: str | None, payload_text: str, created_at: int
+    ) -> None:
+        held = (*self._data.held.get(module_id, ()), (kind, app, payload_text))
+        self._set(self._data.held, module_id, held)
+
+    def held_events(self, module_id: str) -> list[HeldEvent]:
+        return list(self._data.held.get(module_id, ()))
+
+    def delete_held_events(self, module_id: str) -> None:
+        self._delete(self._data.held, module_id)
 
     def events_after(self, app: str, seq: int, limit: int) -> list[Event]:
         stored = self._data.outbox.get(app, {})
@@ -401,7 +465,7 @@ class MemoryStore(TransactionalStore):
     def _read(self, work: Work[T]) -> Deferred[T]:
         return self._run(work)
 
-    def _write(self, work: Work[T]) -> Deferred[T]:
+    def _commit(self, work: Work[T]) -> Deferred[T]:
         return self._run(work)
 
     def open(self) -> Deferred[None]:

@@ -36,6 +36,7 @@ from m2mgw.records import (
     NewEvent,
     NewInstruction,
     PayloadEffects,
+    RotationQuery,
     ServerKey,
     ServerKeyStatus,
 )
@@ -74,16 +75,24 @@ class _EventWriter:
             )
             self._tables.insert_event(record, text)
             stored.append(record)
+            if self._tables.appended_to is not None:
+                self._tables.appended_to.add(app)
         return stored
 
 
 class _Exchange:
-    """What one accepted HELLO or DATA changed, gathered for its :class:`ExchangeResult`."""
+    """
+    What one accepted HELLO or DATA changed, gathered for its :class:`ExchangeResult`.
 
-    def __init__(self, tables: Tables, module_id: str, now: int) -> None:
+    :param holding: the module waits for approval: its payload's ``report``
+        and ``alert`` events are held and it claims no instructions.
+    """
+
+    def __init__(self, tables: Tables, module_id: str, now: int, holding: bool = False) -> None:
         self.tables = tables
         self.module_id = module_id
         self.now = now
+        self.holding = holding
         self.events = _EventWriter(tables, now)
         self.transitions: list[Instruction] = []
         self.created: list[Instruction] = []
@@ -110,7 +119,11 @@ class _Exchange:
                 report = replace(report, module_ts=None)
             tables.insert_report(report)
         for event in effects.events:
-            self.events.append(event)
+            if self.holding and event.kind in logic.HELD_EVENT_KINDS:
+                text = logic.encode_payload(event.payload)
+                tables.hold_event(self.module_id, event.kind, event.app, text, self.now)
+            else:
+                self.events.append(event)
         for confirmation in effects.confirmations:
             instruction = (
                 tables.get_instruction(self.module_id, confirmation.iid)
@@ -129,7 +142,7 @@ class _Exchange:
             else:
                 self.key_recorded = False
         for new in effects.new_instructions:
-            self.created.append(enqueue(tables, new, self.now))
+            self.created.append(enqueue(tables, new, self.now, self.events))
 
     def result(
         self, delivery: Delivery | None, duplicate_outcome: bytes | None = None
@@ -137,7 +150,7 @@ class _Exchange:
         """Claim instructions per ``delivery`` and describe the exchange."""
         claimed: list[Instruction] = []
         more = False
-        if delivery is not None:
+        if delivery is not None and not self.holding:
             preferred = [i for i in self.created if i.state in logic.PENDING_STATES]
             plan = logic.plan_delivery(
                 _pending(self.tables, self.module_id), preferred, delivery, self.now
@@ -210,11 +223,43 @@ def add_modules(
         tables.set_module_apps(module_id, sorted(set(names)))
 
 
-def set_module_status(tables: Tables, module_id: str, status: ModuleStatus) -> None:
-    """Change a module's status; disabling it ends its session."""
-    tables.update_module(replace(_module(tables, module_id), status=status))
+def set_module_status(
+    tables: Tables, module_id: str, status: ModuleStatus, now: int | None = None
+) -> None:
+    """
+    Change a module's status; disabling it ends its session.  With ``now``, a
+    change is reported as a ``module`` event named after the new status.
+    """
+    module = _module(tables, module_id)
+    tables.update_module(replace(module, status=status))
     if status is ModuleStatus.DISABLED:
         tables.delete_sessions(module_id)
+    if now is not None and module.status is not status:
+        _EventWriter(tables, now).append(logic.module_event(module_id, status.value, now))
+
+
+def decide_approval(tables: Tables, module_id: str, approve: bool, now: int) -> Module:
+    """
+    Approve (enable, release the held events) or refuse (disable, forget them)
+    a module waiting for approval.
+    """
+    module = _module(tables, module_id)
+    if module.status is not ModuleStatus.PENDING_APPROVAL:
+        raise InvalidTransition(f"module {module_id} is {module.status.value}, not waiting")
+    writer = _EventWriter(tables, now)
+    if approve:
+        module = replace(module, status=ModuleStatus.ENABLED)
+        tables.update_module(module)
+        writer.append(logic.module_event(module_id, "approved", now))
+        for kind, app, text in tables.held_events(module_id):
+            writer.append(NewEvent(kind, module_id, logic.decode_payload(text), app))
+    else:
+        module = replace(module, status=ModuleStatus.DISABLED)
+        tables.update_module(module)
+        tables.delete_sessions(module_id)
+        writer.append(logic.module_event(module_id, "disabled", now))
+    tables.delete_held_events(module_id)
+    return module
 
 
 def add_key(tables: Tables, key: ModuleKey) -> None:
@@ -247,12 +292,17 @@ def add_server_key(tables: Tables, key: ServerKey) -> None:
     tables.insert_server_key(key)
 
 
-def set_server_key_status(tables: Tables, skid: int, status: ServerKeyStatus) -> None:
-    """Change a server key reference's status."""
+def set_server_key_status(
+    tables: Tables, skid: int, status: ServerKeyStatus, retire_after: int | None = None
+) -> None:
+    """Change a server key reference's status (and its deadline, if given)."""
     key = tables.get_server_key(skid)
     if key is None:
         raise UnknownKey(f"skid {skid}")
-    tables.update_server_key(replace(key, status=status))
+    key = replace(key, status=status)
+    if retire_after is not None:
+        key = replace(key, retire_after=retire_after)
+    tables.update_server_key(key)
 
 
 # -- the per-datagram path ---------------------------------------------------------
@@ -272,7 +322,8 @@ def accept_hello(tables: Tables, commit: HelloCommit) -> ExchangeResult | None:
     key = None
     if session.kid != 0:
         key = tables.get_key(module_id, session.kid)
-        if key is None or key.status not in logic.USABLE_KEY_STATES:
+        usable = logic.GRACE_KEY_STATES if commit.expired_key_grace else logic.USABLE_KEY_STATES
+        if key is None or key.status not in usable:
             return None
     holder = tables.get_session(session.sid)
     if holder is not None and holder.module_id != module_id:
@@ -282,7 +333,28 @@ def accept_hello(tables: Tables, commit: HelloCommit) -> ExchangeResult | None:
     tables.update_module(replace(module, last_hello_ts=commit.ts))
     tables.delete_sessions(module_id)
     tables.insert_session(session)
-    exchange = _Exchange(tables, module_id, commit.now)
+    holding = module.status is ModuleStatus.PENDING_APPROVAL
+    exchange = _Exchange(tables, module_id, commit.now, holding)
+    if holding and module.last_hello_ts == 0:
+        event = logic.module_event(
+            module_id,
+            "pending-approval",
+            commit.now,
+            kid=session.kid,
+            suite=session.suite,
+            group=module.group,
+        )
+        exchange.events.append(event)
+    elif module.last_hello_ts == 0:
+        first = logic.module_event(
+            module_id,
+            "first-seen",
+            commit.now,
+            kid=session.kid,
+            suite=session.suite,
+            group=module.group,
+        )
+        exchange.events.append(first)
     if key is not None and key.status is KeyStatus.PENDING:
         exchange.change_key(logic.key_with_status(key, KeyStatus.ACTIVE, commit.now))
         for older in logic.keys_retired_by(tables.list_keys(module_id), key.kid, commit.now):
@@ -304,7 +376,9 @@ def accept_data(tables: Tables, commit: DataCommit) -> ExchangeResult | None:
     if window is None:
         return None
     tables.set_session_window(commit.sid, window.highest, window.bits)
-    exchange = _Exchange(tables, session.module_id, commit.now)
+    module = tables.get_module(session.module_id)
+    holding = module is not None and module.status is ModuleStatus.PENDING_APPROVAL
+    exchange = _Exchange(tables, session.module_id, commit.now, holding)
     # An empty tok (the engine's mark of a malformed DataBody, whose ctr only
     # counts) is never remembered: it would push real ones out of the memory.
     duplicate = tables.find_token(session.module_id, commit.tok) if commit.tok else None
@@ -331,8 +405,13 @@ def resolve_alias(tables: Tables, alias: bytes, now: int, consume: bool) -> str 
 # -- instructions ------------------------------------------------------------------
 
 
-def enqueue(tables: Tables, new: NewInstruction, now: int) -> Instruction:
-    """Queue an instruction under the module's next ``iid`` (or return its idempotent twin)."""
+def enqueue(
+    tables: Tables, new: NewInstruction, now: int, events: _EventWriter | None = None
+) -> Instruction:
+    """
+    Queue an instruction under the module's next ``iid`` (or return its
+    idempotent twin); a ``keygen`` is reported as a ``key`` event ``requested``.
+    """
     _module(tables, new.module_id)
     if new.idempotency_key is not None:
         earlier = tables.find_idempotent(new.module_id, new.source, new.idempotency_key)
@@ -340,7 +419,32 @@ def enqueue(tables: Tables, new: NewInstruction, now: int) -> Instruction:
             return earlier
     instruction = logic.queued_instruction(new, tables.allocate_iid(new.module_id), now)
     tables.insert_instruction(instruction)
+    requested = logic.keygen_requested_event(instruction)
+    if requested is not None:
+        (events or _EventWriter(tables, now)).append(requested)
     return instruction
+
+
+def rotation_under_way(tables: Tables, module_id: str) -> bool:
+    """True if the module has a ``pending`` key or a ``queued``/``sent`` ``keygen``."""
+    if any(key.status is KeyStatus.PENDING for key in tables.list_keys(module_id)):
+        return True
+    return any(i.kind == logic.KEYGEN_KIND for i in _pending(tables, module_id))
+
+
+def enqueue_keygen(tables: Tables, new: NewInstruction, now: int) -> Instruction | None:
+    """Queue a ``keygen`` unless a rotation is under way for the module (then ``None``)."""
+    _module(tables, new.module_id)
+    if rotation_under_way(tables, new.module_id):
+        return None
+    return enqueue(tables, new, now)
+
+
+def keys_due_for_rotation(tables: Tables, query: RotationQuery, limit: int) -> list[ModuleKey]:
+    """The active keys of the modules due for a rotation (see :class:`RotationQuery`)."""
+    if limit < 1:
+        return []
+    return tables.keys_due_for_rotation(query, limit)
 
 
 def cancel_instruction(tables: Tables, module_id: str, iid: int, now: int) -> Instruction:
@@ -369,6 +473,40 @@ def append_events(tables: Tables, events: Sequence[NewEvent], now: int) -> list[
     """Append events to their applications' outboxes."""
     writer = _EventWriter(tables, now)
     return [stored for event in events for stored in writer.append(event)]
+
+
+def set_group_apps(tables: Tables, group: str, apps: Sequence[str]) -> int:
+    """Set the applications of every module of ``group``; return how many modules."""
+    names = sorted(set(apps))
+    count = offset = 0
+    while True:
+        page = tables.list_modules(offset, PENDING_PAGE * 32)
+        for module in page:
+            if module.group == group:
+                tables.set_module_apps(module.module_id, names)
+                count += 1
+        if len(page) < PENDING_PAGE * 32:
+            return count
+        offset += len(page)
+
+
+def trim_events(tables: Tables, app: str, max_events: int, max_age: int, now: int) -> Event | None:
+    """
+    Drop the application's oldest unacknowledged events beyond its retention
+    limits (more than ``max_events`` of them, counting the alert; older than
+    ``max_age`` seconds; 0: no limit) and append an ``alert`` saying so.
+    """
+    acked, last = tables.outbox_position(app)
+    cut = acked
+    if max_events > 0 and last - acked > max_events:
+        cut = last - max_events + 1  # room for the alert
+    if max_age > 0:
+        cut = max(cut, tables.last_event_seq_before(app, now - max_age))
+    if cut <= acked:
+        return None
+    tables.acknowledge(app, cut)
+    alert = logic.events_dropped_event(app, acked + 1, cut, max_events, max_age)
+    return _EventWriter(tables, now).append(alert)[0]
 
 
 def ack_events(tables: Tables, app: str, seq: int) -> None:

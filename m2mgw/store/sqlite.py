@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib.resources
+import json
 import os
 import queue
 import re
@@ -59,6 +60,7 @@ from m2mgw.records import (
     ModuleKey,
     ModuleStatus,
     Report,
+    RotationQuery,
     SecurityEvent,
     ServerKey,
     ServerKeyStatus,
@@ -66,7 +68,7 @@ from m2mgw.records import (
 )
 from m2mgw.store import logic
 from m2mgw.store.base import TransactionalStore, Work
-from m2mgw.store.tables import Tables
+from m2mgw.store.tables import HeldEvent, Tables
 
 T = TypeVar("T")
 
@@ -238,7 +240,7 @@ _SELECT_KEY = """
         retired_at, not_after, pid
     FROM module_keys"""
 _SELECT_SERVER_KEY = """
-    SELECT skid, suite, public, sig_public, status, created_at FROM server_keys"""
+    SELECT skid, suite, public, sig_public, status, created_at, retire_after FROM server_keys"""
 _SELECT_SESSION = """
     SELECT sid, module_id, kid, suite, skid, k_up, k_down, created_at, expires_at, highest_ctr,
         window
@@ -364,6 +366,40 @@ class SQLiteTables(Tables):
         )
         return [_key(row) for row in rows]
 
+    def keys_due_for_rotation(self, query: RotationQuery, limit: int) -> list[ModuleKey]:
+        if query.groups is not None and not query.groups:
+            return []
+        named = self._db.execute(
+            """
+            SELECT k.module_id, k.kid, k.suite, k.public, k.status, k.vouched_by, k.created_at,
+                k.activated_at, k.retired_at, k.not_after, k.pid
+            FROM module_keys AS k JOIN modules AS m ON m.module_id = k.module_id
+            WHERE k.status = 'active' AND k.module_id > :after AND m.status = 'enabled'
+                AND ((:activated IS NOT NULL
+                        AND COALESCE(k.activated_at, k.created_at) <= :activated)
+                    OR (:expiring IS NOT NULL AND k.not_after IS NOT NULL
+                        AND k.not_after <= :expiring)
+                    OR k.suite IN (SELECT value FROM json_each(:suites)))
+                AND (:groups IS NULL OR m.module_group IN (SELECT value FROM json_each(:groups)))
+                AND m.module_group NOT IN (SELECT value FROM json_each(:excluded))
+                AND NOT EXISTS (SELECT 1 FROM module_keys AS o WHERE o.module_id = k.module_id
+                    AND (o.status = 'pending' OR (o.status = 'active' AND o.kid > k.kid)))
+                AND NOT EXISTS (SELECT 1 FROM instructions AS i WHERE i.module_id = k.module_id
+                    AND i.kind = 'keygen' AND i.state IN ('queued', 'sent'))
+            ORDER BY k.module_id LIMIT :limit
+            """,
+            {
+                "after": query.after_module,
+                "activated": query.activated_before,
+                "expiring": query.expiring_before,
+                "suites": json.dumps(list(query.suites)),
+                "groups": None if query.groups is None else json.dumps(list(query.groups)),
+                "excluded": json.dumps(list(query.exclude_groups)),
+                "limit": limit,
+            },
+        )
+        return [_key(row) for row in named.fetchall()]
+
     # -- server keys ---------------------------------------------------------------
 
     def get_server_key(self, skid: int) -> ServerKey | None:
@@ -373,8 +409,9 @@ class SQLiteTables(Tables):
     def insert_server_key(self, key: ServerKey) -> None:
         self._run(
             """
-            INSERT INTO server_keys (skid, suite, public, sig_public, status, created_at)
-            VALUES (?, ?, ?, ?, ?, ?)
+            INSERT INTO server_keys (skid, suite, public, sig_public, status, created_at,
+                retire_after)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
             """,
             _values(key),
         )
@@ -382,7 +419,8 @@ class SQLiteTables(Tables):
     def update_server_key(self, key: ServerKey) -> None:
         self._run(
             """
-            UPDATE server_keys SET suite = ?, public = ?, sig_public = ?, status = ?, created_at = ?
+            UPDATE server_keys SET suite = ?, public = ?, sig_public = ?, status = ?,
+                created_at = ?, retire_after = ?
             WHERE skid = ?
             """,
             (*_values(key)[1:], key.skid),
@@ -505,6 +543,16 @@ class SQLiteTables(Tables):
         )
         return None if row is None else _instruction(row)
 
+    def count_instructions_by_key(self, source: str, key: str) -> dict[InstructionState, int]:
+        rows = self._all(
+            """
+            SELECT state, count(*) FROM instructions
+            WHERE source = ? AND idempotency_key = ? GROUP BY state
+            """,
+            (source, key),
+        )
+        return {InstructionState(state): count for state, count in rows}
+
     def pending_instructions(self, module_id: str, after_iid: int, limit: int) -> list[Instruction]:
         rows = self._all(
             _SELECT_INSTRUCTION
@@ -567,6 +615,28 @@ class SQLiteTables(Tables):
             [(module_id, app) for app in apps],
         )
 
+    def list_app_modules(self, app: str, offset: int, limit: int) -> list[Module]:
+        rows = self._all(
+            """
+            SELECT module_id, status, psk, psk_reusable, module_group, last_hello_ts, created_at
+            FROM modules WHERE module_id IN (
+                SELECT module_id FROM module_apps WHERE app = ?
+                ORDER BY module_id LIMIT ? OFFSET ?
+            ) ORDER BY module_id
+            """,
+            (app, limit, offset),
+        )
+        return [_module(row) for row in rows]
+
+    def outbox_apps(self) -> list[str]:
+        return [row[0] for row in self._all("SELECT app FROM app_outbox ORDER BY app", ())]
+
+    def last_event_seq_before(self, app: str, created_before: int) -> int:
+        row = self._one(
+            "SELECT MAX(seq) FROM events WHERE app = ? AND created_at < ?", (app, created_before)
+        )
+        return 0 if row is None or row[0] is None else int(row[0])
+
     def next_event_seq(self, app: str) -> int:
         self._run(
             """
@@ -586,6 +656,27 @@ class SQLiteTables(Tables):
             """,
             (event.app, event.seq, event.kind, event.module_id, payload_text, event.created_at),
         )
+
+    def hold_event(
+        self, module_id: str, kind: str, app: str | None, payload_text: str, created_at: int
+    ) -> None:
+        self._run(
+            """
+            INSERT INTO held_events (module_id, kind, app, payload, created_at)
+            VALUES (?, ?, ?, ?, ?)
+            """,
+            (module_id, kind, app, payload_text, created_at),
+        )
+
+    def held_events(self, module_id: str) -> list[HeldEvent]:
+        rows = self._all(
+            "SELECT kind, app, payload FROM held_events WHERE module_id = ? ORDER BY held_id",
+            (module_id,),
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def delete_held_events(self, module_id: str) -> None:
+        self._run("DELETE FROM held_events WHERE module_id = ?", (module_id,))
 
     def events_after(self, app: str, seq: int, limit: int) -> list[Event]:
         rows = self._all(
@@ -905,7 +996,7 @@ class SQLiteStore(TransactionalStore):
             return fail(StoreError(f"the store {self.path} is not open"))
         return self._thread.submit(work)
 
-    def _write(self, work: Work[T]) -> Deferred[T]:
+    def _commit(self, work: Work[T]) -> Deferred[T]:
         return self.run(work)
 
     def _read(self, work: Work[T]) -> Deferred[T]:

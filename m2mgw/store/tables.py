@@ -21,14 +21,26 @@ from m2mgw.records import (
     Module,
     ModuleKey,
     Report,
+    RotationQuery,
     SecurityEvent,
     ServerKey,
     Session,
 )
 
+#: An event held while its module waits for approval: ``(kind, app, payload as JSON)``.
+HeldEvent = tuple[str, str | None, str]
+
 
 class Tables(abc.ABC):
-    """The rows of one store, as seen and changed by one transaction."""
+    """
+    The rows of one store, as seen and changed by one transaction.
+
+    :ivar appended_to: while a unit of work runs, the store may set this to a
+        set that collects the applications events are appended to (see
+        :meth:`m2mgw.store.base.TransactionalStore.add_event_listener`).
+    """
+
+    appended_to: set[str] | None = None
 
     # -- modules -------------------------------------------------------------------
 
@@ -85,6 +97,13 @@ class Tables(abc.ABC):
     @abc.abstractmethod
     def expiring_keys(self, now: int) -> list[ModuleKey]:
         """Active or pending keys whose ``not_after`` is before ``now``."""
+
+    @abc.abstractmethod
+    def keys_due_for_rotation(self, query: RotationQuery, limit: int) -> list[ModuleKey]:
+        """
+        Up to ``limit`` active keys, by module identity ascending, of the
+        modules ``query`` selects (see :class:`~m2mgw.records.RotationQuery`).
+        """
 
     # -- server keys ---------------------------------------------------------------
 
@@ -181,6 +200,13 @@ class Tables(abc.ABC):
         """The module's instruction with this ``source`` and ``idempotency_key``, or ``None``."""
 
     @abc.abstractmethod
+    def count_instructions_by_key(self, source: str, key: str) -> dict[InstructionState, int]:
+        """
+        How many instructions of every module with this ``source`` and
+        ``idempotency_key`` are in each state (states with none left out).
+        """
+
+    @abc.abstractmethod
     def pending_instructions(self, module_id: str, after_iid: int, limit: int) -> list[Instruction]:
         """Up to ``limit`` of the module's ``queued``/``sent`` instructions above ``after_iid``."""
 
@@ -208,12 +234,41 @@ class Tables(abc.ABC):
         """Replace the module's applications (``apps`` sorted, without repeats)."""
 
     @abc.abstractmethod
+    def list_app_modules(self, app: str, offset: int, limit: int) -> list[Module]:
+        """The modules ``app`` belongs to, ordered by identity."""
+
+    @abc.abstractmethod
+    def outbox_apps(self) -> list[str]:
+        """Every application that was ever given an event sequence number, sorted."""
+
+    @abc.abstractmethod
+    def last_event_seq_before(self, app: str, created_before: int) -> int:
+        """
+        The highest ``seq`` among the application's stored events created
+        before ``created_before`` (0: none).
+        """
+
+    @abc.abstractmethod
     def next_event_seq(self, app: str) -> int:
         """Advance the application's event counter and return its new value (1, 2, ...)."""
 
     @abc.abstractmethod
     def insert_event(self, event: Event, payload_text: str) -> None:
         """Insert an event; ``payload_text`` is its payload as JSON."""
+
+    @abc.abstractmethod
+    def hold_event(
+        self, module_id: str, kind: str, app: str | None, payload_text: str, created_at: int
+    ) -> None:
+        """Keep an event of a module waiting for approval (after those kept before)."""
+
+    @abc.abstractmethod
+    def held_events(self, module_id: str) -> list[HeldEvent]:
+        """The module's held events, in the order they were kept."""
+
+    @abc.abstractmethod
+    def delete_held_events(self, module_id: str) -> None:
+        """Forget the module's held events."""
 
     @abc.abstractmethod
     def events_after(self, app: str, seq: int, limit: int) -> list[Event]:
