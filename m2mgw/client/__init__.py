@@ -11,6 +11,14 @@ The module side of MGP/1, as a library a device team can build on.
   transport (a Linux-class device, a script) or a Twisted one (the simulator).
 - :mod:`m2mgw.client.cli`: the ``m2mgw-module`` command and the fleet simulator.
 
+And the application side (an application server talking to the gateway over
+mutual TLS, ``docs/app-protocol.md``):
+
+- :mod:`m2mgw.client.app`: a Twisted :class:`~m2mgw.client.app.AppClient`
+  (reconnects, resumes after the last acknowledged event) and a blocking
+  :class:`~m2mgw.client.app.BlockingAppClient` for scripts.
+- :mod:`m2mgw.client.appcli`: the ``m2mgw-app`` command.
+
 A minimal device loop::
 
     from m2mgw.client.module import ModuleEndpoint
