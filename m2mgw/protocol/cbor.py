@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import operator
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -33,10 +34,16 @@ Tag = cbor2.CBORTag
 MAX_DEPTH = 16
 
 
+#: The one-byte heads of every major type for the values 0-23, by ``major * 24 + value``.
+_SMALL_HEADS: tuple[bytes, ...] = tuple(
+    bytes(((major << 5) | value,)) for major in range(8) for value in range(24)
+)
+
+
 def _head(major: int, value: int) -> bytes:
+    if 0 <= value < 24:
+        return _SMALL_HEADS[major * 24 + value]
     mt = major << 5
-    if value < 24:
-        return bytes((mt | value,))
     if value < 0x100:
         return bytes((mt | 24, value))
     if value < 0x10000:
@@ -61,7 +68,61 @@ def _float(value: float) -> bytes:
     return b"\xfb" + struct.pack(">d", value)
 
 
+_first = operator.itemgetter(0)
+
+
+def _map_key(key: Any) -> bytes:
+    """The encoding of a map key (the small unsigned integers MGP/1 uses, at once)."""
+    if type(key) is int and 0 <= key < 24:
+        return _SMALL_HEADS[key]
+    return encode(key)
+
+
 def _encode(value: Any, out: list[bytes]) -> None:
+    # The exact built-in types come first, most frequent first; bool, None,
+    # subclasses (IntEnum, ...) and everything else take the general path below.
+    kind = type(value)
+    if kind is int:
+        if 0 <= value < 24:
+            out.append(_SMALL_HEADS[value])
+            return
+        if 0 <= value < 1 << 64:
+            out.append(_head(0, value))
+            return
+    elif kind is bytes:
+        out.append(_head(2, len(value)))
+        out.append(value)
+        return
+    elif kind is str:
+        raw = value.encode("utf-8")
+        out.append(_head(3, len(raw)))
+        out.append(raw)
+        return
+    elif kind is list or kind is tuple:
+        out.append(_head(4, len(value)))
+        for item in value:
+            _encode(item, out)
+        return
+    elif kind is dict:
+        _encode_map(value, out)
+        return
+    _encode_other(value, out)
+
+
+def _encode_map(value: Mapping[Any, Any], out: list[bytes]) -> None:
+    items = [(_map_key(k), v) for k, v in value.items()]
+    if len(items) > 1:
+        items.sort(key=_first)
+        for (a, _), (b, _) in itertools.pairwise(items):
+            if a == b:
+                raise ValueError("duplicate map key")
+    out.append(_head(5, len(items)))
+    for key, item in items:
+        out.append(key)
+        _encode(item, out)
+
+
+def _encode_other(value: Any, out: list[bytes]) -> None:
     if value is False:
         out.append(b"\xf4")
     elif value is True:
@@ -99,14 +160,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
         for item in value:
             _encode(item, out)
     elif isinstance(value, Mapping):
-        items = sorted(((encode(k), v) for k, v in value.items()), key=lambda kv: kv[0])
-        for (a, _), (b, _) in itertools.pairwise(items):
-            if a == b:
-                raise ValueError("duplicate map key")
-        out.append(_head(5, len(items)))
-        for key, item in items:
-            out.append(key)
-            _encode(item, out)
+        _encode_map(value, out)
     elif isinstance(value, cbor2.CBORTag):
         out.append(_head(6, value.tag))
         _encode(value.value, out)
@@ -134,19 +188,37 @@ def encode(value: Any) -> bytes:
     return b"".join(out)
 
 
+#: What :func:`_depth` descends into.
+_CONTAINERS = (list, tuple, dict, cbor2.CBORTag)
+
+
 def _depth(value: Any, limit: int) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
+    """
+    :raise m2mgw.errors.DecodeError: ``value`` (depth 1) holds an item,
+        key or tagged value deeper than ``limit``.
+    """
+    if limit < 1:
+        raise DecodeError("CBOR nesting too deep")
+    _depth_below(value, 1, limit)
+
+
+def _depth_below(item: Any, depth: int, limit: int) -> None:
+    """Check the items inside ``item``, which is at ``depth`` (within ``limit``)."""
+    children: Any
+    if isinstance(item, (list, tuple)):
+        children = item
+    elif isinstance(item, dict):
+        children = itertools.chain(item.values(), item)
+    elif isinstance(item, cbor2.CBORTag):
+        children = (item.value,)
+    else:
+        return
+    inner = depth + 1
+    for child in children:
+        if inner > limit:
             raise DecodeError("CBOR nesting too deep")
-        if isinstance(item, (list, tuple)):
-            stack.extend((x, depth + 1) for x in item)
-        elif isinstance(item, dict):
-            stack.extend((x, depth + 1) for x in item.values())
-            stack.extend((x, depth + 1) for x in item)
-        elif isinstance(item, cbor2.CBORTag):
-            stack.append((item.value, depth + 1))
+        if isinstance(child, _CONTAINERS):
+            _depth_below(child, inner, limit)
 
 
 def _opaque_tag(number: int) -> Any:

@@ -1,0 +1,196 @@
+"""
+The per-core limit of a HELLO's crypto, timed in this process.
+
+The gateway answers a HELLO on one core (it is single-threaded Python), so
+the most HELLOs per second it could ever answer is set by the crypto of one
+HELLO, made with the very calls the engine makes on the suite objects
+(:mod:`m2mgw.protocol.engine`):
+
+- SIG (``p256``, signed replies): one ECDH (``suite.agree``: the ``epk``
+  point decoded and validated), the HELLO HKDFs (``keyschedule.hello_keys``),
+  one ECDSA verify (``suite.verify``: the module's public key decoded from
+  its wire bytes, as the engine does), the session HKDFs
+  (``keyschedule.session_keys``) and one ECDSA sign of the reply (``suite.sign``);
+- SDH (cached ``Z_ss``, unsigned replies): one ECDH, the HELLO HKDFs, the
+  SDH HKDF and HMAC (``keyschedule.sdh_mac``) and the session HKDFs.
+
+The two AEAD operations of a HELLO (open the HELLO, seal the reply) are not
+part of the limit the issue defines; they are timed too and shown apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from m2mgw.interfaces import ICipherSuite
+from m2mgw.protocol import keyschedule
+from m2mgw.registry import lookup
+
+#: Distinct HELLOs cycled through, so no call sees the same input twice in a row.
+VARIANTS = 64
+#: Sizes of the signed and MACed data, close to a real HELLO's TBS and reply TBS.
+TBS_BYTES = 170
+REPLY_TBS_BYTES = 190
+#: Plaintext sizes of the HELLO and its signed reply (for the AEAD timing).
+HELLO_PLAINTEXT_BYTES = 150
+REPLY_PLAINTEXT_BYTES = 140
+
+
+@dataclass(frozen=True)
+class HelloMaterial:
+    """One HELLO's inputs, as the gateway sees them."""
+
+    epk: bytes
+    tbs: bytes
+    signature: bytes
+    sdh_mac: bytes
+    hello_ct: bytes
+
+
+class HelloCrypto:
+    """
+    The crypto of HELLOs of one suite, with a server key, a module key and
+    :data:`VARIANTS` pre-made HELLOs.
+    """
+
+    def __init__(self, suite_name: str = "p256") -> None:
+        suite: ICipherSuite = lookup(ICipherSuite, suite_name)
+        self.suite = suite
+        self.server_key = suite.generate_server_key()
+        self.server_public = suite.server_public(self.server_key)[0]
+        module_key = suite.generate_signing_key()
+        self.module_public = bytes(suite.signing_public(module_key))
+        self.z_ss = suite.static_agree(module_key, self.server_public)
+        self.stok = os.urandom(16)
+        self.sid = os.urandom(6)
+        self.reply_tbs = os.urandom(REPLY_TBS_BYTES)
+        self.reply_plaintext = os.urandom(REPLY_PLAINTEXT_BYTES)
+        self.materials = []
+        for _ in range(VARIANTS):
+            epk, z_es = suite.encapsulate(self.server_public, os.urandom)
+            tbs = os.urandom(TBS_BYTES)
+            keys = keyschedule.hello_keys(suite, z_es)
+            hello_ct = suite.seal(
+                keys.k_hello,
+                keyschedule.zero_nonce(suite),
+                b"aad",
+                os.urandom(HELLO_PLAINTEXT_BYTES),
+            )
+            self.materials.append(
+                HelloMaterial(
+                    epk=epk,
+                    tbs=tbs,
+                    signature=bytes(suite.sign(module_key, tbs)),
+                    sdh_mac=keyschedule.sdh_mac(suite, self.z_ss, epk, tbs),
+                    hello_ct=hello_ct,
+                )
+            )
+
+    def sig_hello(self, material: HelloMaterial) -> None:
+        """The public-key crypto and HKDFs of one SIG HELLO with a signed reply."""
+        suite = self.suite
+        z_es = suite.agree(self.server_key, material.epk)
+        keyschedule.hello_keys(suite, z_es)
+        suite.verify(self.module_public, material.signature, material.tbs)
+        keyschedule.session_keys(suite, z_es, self.stok, self.sid, "m000001", 1)
+        suite.sign(self.server_key, self.reply_tbs)
+
+    def sdh_hello(self, material: HelloMaterial) -> None:
+        """The crypto of one SDH HELLO with ``Z_ss`` cached and an unsigned reply."""
+        suite = self.suite
+        z_es = suite.agree(self.server_key, material.epk)
+        keyschedule.hello_keys(suite, z_es)
+        mac = keyschedule.sdh_mac(suite, self.z_ss, material.epk, material.tbs)
+        if mac != material.sdh_mac:
+            raise AssertionError("the SDH MAC does not reproduce")
+        keyschedule.session_keys(suite, z_es, self.stok, self.sid, "m000001", 1)
+
+    def operations(self) -> dict[str, Callable[[HelloMaterial], Any]]:
+        """Each operation alone, for the breakdown table."""
+        suite = self.suite
+        z_es = suite.agree(self.server_key, self.materials[0].epk)
+        keys = keyschedule.hello_keys(suite, z_es)
+        zero = keyschedule.zero_nonce(suite)
+        return {
+            "ECDH (agree, point checked)": lambda m: suite.agree(self.server_key, m.epk),
+            "ECDSA verify (key decoded)": lambda m: suite.verify(
+                self.module_public, m.signature, m.tbs
+            ),
+            "ECDSA sign": lambda m: suite.sign(self.server_key, self.reply_tbs),
+            "HKDFs (hello + session keys)": lambda m: (
+                keyschedule.hello_keys(suite, z_es),
+                keyschedule.session_keys(suite, z_es, self.stok, self.sid, "m000001", 1),
+            ),
+            "SDH HKDF + HMAC": lambda m: keyschedule.sdh_mac(suite, self.z_ss, m.epk, m.tbs),
+            "AEAD open HELLO + seal reply": lambda m: (
+                suite.open(keys.k_hello, zero, b"aad", self.materials[0].hello_ct),
+                suite.seal(keys.k_hreply, zero, b"aad", self.reply_plaintext),
+            ),
+        }
+
+
+def rate(
+    operation: Callable[[HelloMaterial], Any],
+    materials: list[HelloMaterial],
+    seconds: float,
+    rounds: int,
+) -> float:
+    """
+    Calls per second of ``operation``: the best of ``rounds`` rounds of about
+    ``seconds`` each (the best, since a limit is what the core can do when
+    nothing else takes it).
+    """
+    best = 0.0
+    count = len(materials)
+    for _ in range(rounds):
+        done = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while True:
+            for material in materials:
+                operation(material)
+            done += count
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+        best = max(best, done / (now - started))
+    return best
+
+
+def limit(method: str, seconds: float, rounds: int, crypto: HelloCrypto | None = None) -> float:
+    """
+    The per-core limit of ``method`` (``"sig"`` or ``"sdh"``) HELLOs per second.
+
+    :param crypto: the keys and HELLOs to use (default: new ones, ``p256``).
+    """
+    crypto = crypto or HelloCrypto()
+    operation = crypto.sig_hello if method == "sig" else crypto.sdh_hello
+    return rate(operation, crypto.materials, seconds, rounds)
+
+
+def measure(seconds: float = 1.0, rounds: int = 3, suite_name: str = "p256") -> dict[str, Any]:
+    """
+    The per-core HELLO crypto limits and the cost of each operation.
+
+    :return: ``{"sig": HELLOs/s, "sdh": HELLOs/s, "operations": {name: µs}, ...}``.
+    """
+    crypto = HelloCrypto(suite_name)
+    materials = crypto.materials
+    sig = rate(crypto.sig_hello, materials, seconds, rounds)
+    sdh = rate(crypto.sdh_hello, materials, seconds, rounds)
+    operations = {
+        name: 1e6 / rate(operation, materials, seconds / 3, rounds)
+        for name, operation in crypto.operations().items()
+    }
+    return {
+        "suite": suite_name,
+        "seconds": seconds,
+        "rounds": rounds,
+        "sig": sig,
+        "sdh": sdh,
+        "operations_us": operations,
+    }
