@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
@@ -45,6 +45,7 @@ from m2mgw.admin.provisioning import (
     parse_psk,
     parse_public_key,
 )
+from m2mgw.cliargs import ParserExit, RaisingParser, positive_int
 from m2mgw.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
 from m2mgw.datadir import DataDir, gateway_tls_names, register_server_keys
 from m2mgw.errors import (
@@ -93,37 +94,17 @@ class UsageError(Exception):
     """The command line is malformed (exit status 2)."""
 
 
-class _Exit(Exception):
-    """argparse finished early (``--help``, ``--version``) with this status."""
+class _Parser(RaisingParser):
+    """The tool's parser: a malformed command line is a :class:`UsageError` (exit 2)."""
 
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser that raises instead of exiting, so :func:`run` can return."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
+    usage_error = UsageError
+    prefix_prog = True
 
 
 def _non_negative_int(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(text)
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("skid", metavar="SKID", type=_non_negative_int)
     sub.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="store operations in flight at once (default 100)",
@@ -208,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("skid", metavar="SKID", type=_non_negative_int)
     sub.add_argument(
         "--deadline",
-        type=_positive_int,
+        type=positive_int,
         metavar="EPOCH",
         help="retire it at this time at the latest, confirmed or not",
     )
@@ -229,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         "replace the gateway's TLS key and certificate (then send the gateway SIGHUP)",
     )
     sub.add_argument(
-        "--days", type=_positive_int, default=825, help="validity in days (default 825)"
+        "--days", type=positive_int, default=825, help="validity in days (default 825)"
     )
 
     module = commands.add_parser("module", help="provision and manage modules")
@@ -249,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the module's public key: PEM or DER SubjectPublicKeyInfo, raw wire bytes, or hex",
     )
-    sub.add_argument("--kid", type=_positive_int, help="the public key's id (1 or more)")
+    sub.add_argument("--kid", type=positive_int, help="the public key's id (1 or more)")
     sub.add_argument("--suite", help="the public key's cipher suite")
     sub.add_argument("--group", default="default", help="the module's group (default: default)")
     sub.add_argument(
@@ -302,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "revoke one key of a module (its sessions end at once)",
     )
     sub.add_argument("module_id", metavar="ID")
-    sub.add_argument("kid", metavar="KID", type=_positive_int)
+    sub.add_argument("kid", metavar="KID", type=positive_int)
     sub = command(
         module_commands, "rotate", cmd_module_rotate, "ask a module to rotate its key (keygen)"
     )
@@ -362,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", metavar="NAME", help="the application's principal name")
     sub.add_argument("--out", required=True, metavar="DIR", help="where to write the files")
     sub.add_argument(
-        "--days", type=_positive_int, default=825, help="validity in days (default 825)"
+        "--days", type=positive_int, default=825, help="validity in days (default 825)"
     )
 
     instruction = commands.add_parser("instruction", help="the modules' instruction queues")
@@ -372,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("kind", metavar="KIND", help="e.g. set, config, sleep, rehello")
     sub.add_argument("body", metavar="BODY_JSON", nargs="?", help="the body as JSON (default null)")
     expiry = sub.add_mutually_exclusive_group()
-    expiry.add_argument("--ttl", type=_positive_int, metavar="SECONDS", help="expire after")
-    expiry.add_argument("--not-after", type=_positive_int, metavar="EPOCH", help="expire at")
+    expiry.add_argument("--ttl", type=positive_int, metavar="SECONDS", help="expire after")
+    expiry.add_argument("--not-after", type=positive_int, metavar="EPOCH", help="expire at")
     sub.add_argument(
         "--idempotency-key", metavar="KEY", help="submitting the same key again queues nothing"
     )
@@ -385,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.value for s in InstructionState],
         help="only this state (repeatable)",
     )
-    sub.add_argument("--limit", type=_positive_int, default=1000, help="at most (default 1000)")
+    sub.add_argument("--limit", type=positive_int, default=1000, help="at most (default 1000)")
     sub = command(
         instruction_commands, "cancel", cmd_instruction_cancel, "cancel a queued or sent one"
     )
@@ -401,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="0",
         help="epoch seconds, an ISO 8601 time, or an age such as 90m, 12h, 7d",
     )
-    sub.add_argument("--limit", type=_positive_int, default=1000, help="at most (default 1000)")
+    sub.add_argument("--limit", type=positive_int, default=1000, help="at most (default 1000)")
     return parser
 
 
@@ -516,7 +497,7 @@ def parse(argv: Sequence[str], stderr: IO[str]) -> argparse.Namespace | int:
     except UsageError as e:
         stderr.write(f"{e}\n")
         return 2
-    except _Exit as e:
+    except ParserExit as e:
         return e.status
 
 

@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
 from m2mgw.admin.output import dumps, dumps_compact, format_table, format_time
+from m2mgw.cliargs import ParserExit, RaisingParser, epoch, positive_float, positive_int
 from m2mgw.client.app import (
     DEFAULT_PORT,
     AppCredentials,
@@ -73,47 +73,13 @@ class CommandError(Exception):
     """A mistake or a failure reported as one line, exit status 1."""
 
 
-class _Exit(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+class _Parser(RaisingParser):
+    """The tool's parser: a malformed command line is a :class:`CommandError`."""
 
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser that raises instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise CommandError(f"{message} (see {self.prog} --help)")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
+    usage_error = CommandError
 
 
 # -- argument parsing ------------------------------------------------------------------------------
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
-
-
-def _epoch(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time in seconds since the epoch")
-    return int(text)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -175,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         default=argparse.SUPPRESS,
         help="for connecting and for each answer (default 30)",
@@ -227,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"only events of this kind: {', '.join(EVENT_KINDS)} (repeatable). Events a "
         "filter withholds are acknowledged too",
     )
-    sub.add_argument("--count", type=_positive_int, metavar="N", help="stop after N events")
+    sub.add_argument("--count", type=positive_int, metavar="N", help="stop after N events")
     sub.add_argument(
-        "--idle", type=_positive_float, metavar="SECONDS", help="stop after SECONDS without events"
+        "--idle", type=positive_float, metavar="SECONDS", help="stop after SECONDS without events"
     )
     sub.add_argument(
         "--no-ack",
@@ -249,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     expiry = sub.add_mutually_exclusive_group()
     expiry.add_argument(
-        "--ttl", type=_positive_int, metavar="SECONDS", help="expire undelivered after SECONDS"
+        "--ttl", type=positive_int, metavar="SECONDS", help="expire undelivered after SECONDS"
     )
     expiry.add_argument(
-        "--not-after", type=_epoch, metavar="EPOCH", help="expire undelivered at this time"
+        "--not-after", type=epoch, metavar="EPOCH", help="expire undelivered at this time"
     )
     sub.add_argument(
         "--idempotency-key",
@@ -267,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--wait-timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="with --wait: give up after SECONDS (default: wait as long as it takes)",
     )
@@ -275,12 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("get", "an instruction's state and history")
     sub.add_argument("module", metavar="ID")
-    sub.add_argument("iid", metavar="IID", type=_positive_int)
+    sub.add_argument("iid", metavar="IID", type=positive_int)
     sub.set_defaults(run=cmd_get)
 
     sub = command("cancel", "cancel a queued or sent instruction")
     sub.add_argument("module", metavar="ID")
-    sub.add_argument("iid", metavar="IID", type=_positive_int)
+    sub.add_argument("iid", metavar="IID", type=positive_int)
     sub.set_defaults(run=cmd_cancel)
 
     sub = command("modules", "the modules you may see, or one of them")
@@ -827,7 +793,7 @@ def main(
     except CommandError as e:
         stderr.write(f"{PROG}: error: {e}\n")
         return 1
-    except _Exit as e:
+    except ParserExit as e:
         return e.status
     ctx = Context(
         args,

@@ -39,11 +39,12 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import LoopingCall, deferLater, react
 
+from m2mgw.cliargs import ParserExit, RaisingParser, positive_float, positive_int
 from m2mgw.client.module import (
     Executor,
     KeyState,
@@ -117,45 +118,17 @@ class CommandError(Exception):
     """A mistake or a failure reported as one line, exit status 1."""
 
 
-class _Exit(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+class _Parser(RaisingParser):
+    """The tool's parser: a malformed command line is a :class:`CommandError`."""
 
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser that raises instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise CommandError(f"{message} (see {self.prog} --help)")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
+    usage_error = CommandError
 
 
 # -- argument parsing ----------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
-
-
 def _fec(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 3:
         raise argparse.ArgumentTypeError("at most 3 copies")
     return value
@@ -188,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=argparse.SUPPRESS,
         metavar="SECONDS",
         help="the first retransmission timeout (default 2; doubled per retry)",
@@ -227,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="generate a key pair and write its public key (hex) to OUT, for m2mgw-admin",
     )
-    sub.add_argument("--kid", type=_positive_int, default=1, help="the key's kid (default 1)")
+    sub.add_argument("--kid", type=positive_int, default=1, help="the key's kid (default 1)")
     sub.add_argument(
         "--server-key",
         required=True,
@@ -291,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_wake)
 
     sub = command("listen", "wake up every --interval seconds")
-    sub.add_argument("--interval", type=_positive_float, required=True, metavar="SECONDS")
-    sub.add_argument("--count", type=_positive_int, metavar="N", help="stop after N wake-ups")
+    sub.add_argument("--interval", type=positive_float, required=True, metavar="SECONDS")
+    sub.add_argument("--count", type=positive_int, metavar="N", help="stop after N wake-ups")
     wake_options(sub)
     sub.set_defaults(run=cmd_listen)
 
@@ -304,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_show)
 
     sub = command("simulate", "run many simulated modules against a gateway")
-    sub.add_argument("--modules", type=_positive_int, required=True, metavar="N")
-    sub.add_argument("--interval", type=_positive_float, required=True, metavar="SECONDS")
-    sub.add_argument("--duration", type=_positive_float, required=True, metavar="SECONDS")
+    sub.add_argument("--modules", type=positive_int, required=True, metavar="N")
+    sub.add_argument("--interval", type=positive_float, required=True, metavar="SECONDS")
+    sub.add_argument("--duration", type=positive_float, required=True, metavar="SECONDS")
     source = sub.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--csv", metavar="FILE", help="modules already provisioned: id,psk[,suite] columns"
@@ -329,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--enroll", action="store_true", help="enrol each module on its first wake")
     sub.add_argument(
         "--instructions-every",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="ask for the gateway's time every N wake-ups (exercises req)",
     )
@@ -1342,7 +1315,7 @@ def main(
     except CommandError as e:
         stderr.write(f"{PROG}: error: {e}\n")
         return 1
-    except _Exit as e:
+    except ParserExit as e:
         return e.status
     if args.run is None:
         return _main_simulate(args, stdout, stderr)
