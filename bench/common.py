@@ -188,17 +188,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_cpu() -> tuple[float, float]:
+def machine_cpu() -> tuple[float, float, float]:
     """
-    ``(busy, steal)``: CPU seconds the whole machine spent busy (all CPUs,
-    every process) and stolen by the hypervisor, since boot (``/proc/stat``).
+    ``(busy, interrupts, steal)``: CPU seconds since boot the whole machine
+    spent running processes (user and system time, every process), handling
+    interrupts (the loopback network stack runs there, charged to no
+    process), and stolen by the hypervisor (``/proc/stat``).
     """
     with open("/proc/stat", encoding="ascii") as stat:
         fields = [int(value) for value in stat.readline().split()[1:]]
     ticks = os.sysconf("SC_CLK_TCK")
     user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
     steal = fields[7] if len(fields) > 7 else 0
-    return (user + nice + system + irq + softirq) / ticks, steal / ticks
+    return (user + nice + system) / ticks, (irq + softirq) / ticks, steal / ticks
 
 
 def machine_facts() -> dict[str, Any]:

@@ -381,7 +381,8 @@ def run_load(
     machine = {
         "busy_cpus": busy / elapsed if elapsed else None,
         "other_processes_cpus": max(0.0, others) / elapsed if elapsed else None,
-        "steal_cpus": (machine_after[1] - machine_before[1]) / elapsed if elapsed else None,
+        "interrupt_cpus": (machine_after[1] - machine_before[1]) / elapsed if elapsed else None,
+        "steal_cpus": (machine_after[2] - machine_before[2]) / elapsed if elapsed else None,
         "quiet_wait": quiet,
     }
     return {"prepared": prepared, "result": result, "server": server_delta, "machine": machine}
@@ -515,7 +516,8 @@ def _print_load(label: str, run: dict[str, Any]) -> None:
         f"      CPU: server {100 * (server['cpu_share'] or 0):.0f} % "
         f"({per_cpu:,.0f} answered per server CPU-second), "
         f"load generator {100 * (result['cpu_share'] or 0):.0f} %, "
-        f"other processes {100 * (run['machine']['other_processes_cpus'] or 0):.0f} %; "
+        f"other processes {100 * (run['machine']['other_processes_cpus'] or 0):.0f} %, "
+        f"interrupts {100 * (run['machine']['interrupt_cpus'] or 0):.0f} %; "
         f"prepared in {run['prepared']['seconds']:.1f} s"
     )
     others = run["machine"]["other_processes_cpus"] or 0.0
