@@ -47,6 +47,9 @@ class InstructionState(str, enum.Enum):
     """The states of a queued instruction (MGP/1 §8.3)."""
 
     QUEUED = "queued"
+    #: Queued, and its module was heard from without it riding in the reply
+    #: (no room left, or the module waits for approval): it waits for a later one.
+    WAITING = "waiting"
     SENT = "sent"
     CONFIRMED = "confirmed"
     FAILED = "failed"
@@ -56,8 +59,19 @@ class InstructionState(str, enum.Enum):
     @property
     def final(self) -> bool:
         """True for the states an instruction never leaves."""
-        return self not in (InstructionState.QUEUED, InstructionState.SENT)
+        return self not in (
+            InstructionState.QUEUED,
+            InstructionState.WAITING,
+            InstructionState.SENT,
+        )
 
+
+#: The states in which an instruction waits for delivery or for its confirmation.
+PENDING_INSTRUCTION_STATES = (
+    InstructionState.QUEUED,
+    InstructionState.WAITING,
+    InstructionState.SENT,
+)
 
 #: ``vouched_by`` value of a key registered under PSK authentication.
 VOUCHED_BY_PSK = 0

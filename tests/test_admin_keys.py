@@ -202,9 +202,14 @@ async def test_approve_and_refuse(gateway: Gateway) -> None:
         result = await gw.report(endpoint, 1)
         assert result.ok and result.instructions == []
     events = await gw.store.events_after("ops", 0)
-    assert [(e.kind, e.payload.get("event")) for e in events] == [
+    assert [(e.kind, e.payload.get("event")) for e in events if e.kind != "instruction"] == [
         ("module", "pending-approval"),
         ("module", "pending-approval"),
+    ]
+    # The operator's instruction: queued, then left waiting by the replies to new-1.
+    assert [(e.module_id, e.payload["state"]) for e in events if e.kind == "instruction"] == [
+        ("new-1", "queued"),
+        ("new-1", "waiting"),
     ]
 
     approved = await gw.admin("module", "approve", "new-1", "--json")
@@ -212,7 +217,7 @@ async def test_approve_and_refuse(gateway: Gateway) -> None:
     assert "not waiting for approval" in await gw.admin("module", "refuse", "new-1", ok=False)
     text = await gw.admin("module", "refuse", "new-2")
     assert text == "module new-2: pending-approval -> disabled\n"
-    later = await gw.store.events_after("ops", 2)
+    later = await gw.store.events_after("ops", len(events))
     assert [(e.kind, e.module_id, e.payload.get("event")) for e in later] == [
         ("module", "new-1", "approved"),
         ("report", "new-1", None),

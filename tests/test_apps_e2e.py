@@ -224,7 +224,7 @@ async def test_submit_wake_confirm_and_the_confirmed_event(workdir: Path) -> Non
                 lambda e: e["event"] == "instruction" and e["payload"]["state"] == "confirmed",
             )
             states = [e["payload"]["state"] for e in app.events if e["event"] == "instruction"]
-            assert states == ["sent", "confirmed"]
+            assert states == ["queued", "sent", "confirmed"]
             payload = confirmed["payload"]
             assert (payload["iid"], payload["status"]) == (1, 0)
             assert before - 5 <= payload["exec_ts"] <= int(time.time()) + 5

@@ -311,22 +311,27 @@ def test_events_are_pushed_in_order_and_acknowledged() -> None:
     open_session(app, "m1")
     data(app, 1)
     assert client.events() == []
-    assert client.ok("subscribe") == {"acked_seq": 0, "last_seq": 1}
-    (sent,) = client.events()
-    assert (sent["seq"], sent["event"], sent["module"]) == (1, "instruction", "m1")
-    assert sent["payload"]["state"] == "sent"
+    assert client.ok("subscribe") == {"acked_seq": 0, "last_seq": 3}
+    # Queued; left behind by the HELLO reply, which had no room; sent with DATA 1.
+    assert [
+        (e["seq"], e["event"], e["module"], e["payload"]["state"]) for e in client.events()
+    ] == [
+        (1, "instruction", "m1", "queued"),
+        (2, "instruction", "m1", "waiting"),
+        (3, "instruction", "m1", "sent"),
+    ]
     data(app, 2, confirmations=(Confirmation(1, 0, NOW - 3),))
     app.settle()
     confirmed = client.events()[-1]
-    assert confirmed["seq"] == 2
+    assert confirmed["seq"] == 4
     assert (confirmed["payload"]["state"], confirmed["payload"]["exec_ts"]) == (
         "confirmed",
         NOW - 3,
     )
-    assert client.ok("ack", seq=2) == {"acked_seq": 2}
+    assert client.ok("ack", seq=4) == {"acked_seq": 4}
     # A reconnect resumes after the acknowledged position.
     again = app.connect()
-    assert again.ok("subscribe") == {"acked_seq": 2, "last_seq": 2}
+    assert again.ok("subscribe") == {"acked_seq": 4, "last_seq": 4}
     assert again.events() == []
 
 
@@ -338,14 +343,21 @@ def test_ack_never_acknowledges_events_not_sent_on_the_connection() -> None:
     client.ok("subscribe", events=["instruction"])
     for n in range(4):
         client.ok("submit", module="m1", kind="set", body=n)
-    data(app, 1)  # four instructions ride: four events, the window is two
+    # Four queued events; the window is two.
     assert [e["seq"] for e in client.events()] == [1, 2]
     assert client.ok("ack", seq=99) == {"acked_seq": 2}
     assert [e["seq"] for e in client.events()] == [1, 2, 3, 4]
-    assert client.ok("ack", seq=4) == {"acked_seq": 4}
+    data(app, 1)  # the four ride: four sent events wait for room in the full window
+    app.settle()
+    assert [e["seq"] for e in client.events()] == [1, 2, 3, 4]
+    assert client.ok("ack", seq=99) == {"acked_seq": 4}
+    assert [e["seq"] for e in client.events()] == [1, 2, 3, 4, 5, 6]
+    assert client.ok("ack", seq=99) == {"acked_seq": 6}
+    assert [e["payload"]["state"] for e in client.events()] == ["queued"] * 4 + ["sent"] * 4
+    assert client.ok("ack", seq=8) == {"acked_seq": 8}
     # Unsubscribed, an ack is clamped to the last event assigned.
     client.ok("unsubscribe")
-    assert client.ok("ack", seq=99) == {"acked_seq": 4}
+    assert client.ok("ack", seq=99) == {"acked_seq": 8}
 
 
 def test_subscription_filters_and_withheld_events_do_not_pile_up() -> None:
@@ -354,18 +366,18 @@ def test_subscription_filters_and_withheld_events_do_not_pile_up() -> None:
     app.add_module("b", group="south")
     client = app.connect()
     client.ok("subscribe", groups=["north"], events=["instruction"])
-    client.ok("submit", module="a", kind="set")
-    client.ok("submit", module="b", kind="set")
-    open_session(app, "b", b"sid-b")
-    data(app, 1, sid=b"sid-b")  # b's instruction rides: withheld (south)
+    client.ok("submit", module="b", kind="set")  # queued: withheld (south)
+    open_session(app, "b", b"sid-b")  # no room in the HELLO reply: waiting, withheld
+    data(app, 1, sid=b"sid-b")  # b's instruction rides: withheld
     assert client.events() == []
     # Withheld and nothing else outstanding: acknowledged on the app's behalf.
-    assert app.store.data.outbox_position["billing"] == (1, 1)
-    open_session(app, "a", b"sid-a")
-    data(app, 1, sid=b"sid-a")
-    (event,) = client.events()
-    assert (event["seq"], event["module"]) == (2, "a")
-    assert client.ok("ack", seq=2) == {"acked_seq": 2}
+    assert app.store.data.outbox_position["billing"] == (3, 3)
+    client.ok("submit", module="a", kind="set")  # north: pushed
+    client.ok("submit", module="b", kind="set")  # withheld, behind an unacknowledged one
+    assert [(e["seq"], e["module"]) for e in client.events()] == [(4, "a")]
+    assert app.store.data.outbox_position["billing"] == (3, 5)
+    assert client.ok("ack", seq=4) == {"acked_seq": 5}
+    assert app.store.data.outbox_position["billing"] == (5, 5)
     assert client.error("subscribe", events=["weather"]) == "bad-request"
 
 
@@ -390,7 +402,7 @@ def test_a_full_send_buffer_pauses_events_and_reading() -> None:
     app.settle()
     lines = client.lines()
     assert [m.get("id") for m in lines if "event" not in m] == ["later"]
-    assert [e["payload"]["state"] for e in client.events()] == ["sent"]
+    assert [e["payload"]["state"] for e in client.events()] == ["queued", "sent"]
     assert client.transport.producerState == "producing"
 
 
@@ -415,7 +427,7 @@ def test_store_events_wake_the_delivery_without_polling() -> None:
     open_session(app, "m1")
     data(app, 1)
     app.settle()
-    assert [e["payload"]["state"] for e in client.events()] == ["sent"]
+    assert [e["payload"]["state"] for e in client.events()] == ["queued", "waiting", "sent"]
 
 
 # -- rotate, approve, refuse -----------------------------------------------------------------

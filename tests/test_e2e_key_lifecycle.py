@@ -147,7 +147,8 @@ async def test_approval_holds_data_and_work_until_approved(gateway: LiveGateway)
     ]
     assert await events(gw.store, "app", "report") == []  # stored, not forwarded
     assert await reports(gw, "new-1") == [1.0]
-    assert (await gw.store.get_instruction("new-1", queued.iid)).state is InstructionState.QUEUED
+    # Heard from but not approved: the instruction waits for a later reply.
+    assert (await gw.store.get_instruction("new-1", queued.iid)).state is InstructionState.WAITING
 
     await gw.store.decide_approval("new-1", True, gw.now)
     assert [e["event"] for e in await events(gw.store, "app", "module")] == [
@@ -247,7 +248,7 @@ async def test_rotation_requested_by_an_application(gateway: LiveGateway) -> Non
     assert await reports(gw, "app-1") == list(range(last))
     # The application follows its keygen like any instruction, and the key events.
     states = [e["state"] for e in await events(gw.store, "billing", "instruction")]
-    assert states[:2] == ["sent", "confirmed"]
+    assert states[:3] == ["queued", "sent", "confirmed"]
     assert [e["event"] for e in await events(gw.store, "billing", "key")] == [
         "requested",
         "registered",

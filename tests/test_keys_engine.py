@@ -456,7 +456,8 @@ def test_a_module_pending_approval_is_held_until_approved() -> None:
     outcome = r.data(Payload(data=[{0: "t", 2: 1}], req=("params",)))
     assert outcome is not None and outcome.instructions == ()
     assert [e.code for e in outcome.errors] == [3]  # no rotation before approval
-    assert r.events() == [
+    assert [e["state"] for e in r.events("instruction")] == ["queued", "waiting"]
+    assert r.events("module") == [
         {
             "event": "pending-approval",
             "module": ID,
@@ -467,11 +468,11 @@ def test_a_module_pending_approval_is_held_until_approved() -> None:
         }
     ]
     assert len(result_of(r.store.list_reports(ID))) == 1  # stored, not forwarded
-    assert result_of(r.store.get_instruction(ID, queued.iid)).state == InstructionState.QUEUED
+    assert result_of(r.store.get_instruction(ID, queued.iid)).state == InstructionState.WAITING
 
     approved = result_of(r.store.decide_approval(ID, True, r.now + 5))
     assert approved.status == ModuleStatus.ENABLED
-    kinds = [(e.kind, e.payload.get("event")) for e in result_of(r.store.events_after("app", 1))]
+    kinds = [(e.kind, e.payload.get("event")) for e in result_of(r.store.events_after("app", 3))]
     assert kinds == [("module", "approved"), ("report", None)]
     # Queued work flows in the same session.
     outcome = r.data()

@@ -754,10 +754,45 @@ class TestModuleStoreContract:
                 NOW,
             )
             assert await store.get_instruction("m1", claimed.iid) == claimed
-        assert result.transitions == result.instructions
+        # The two left behind were queued: they now wait for a later wake-up.
+        claimed = len(result.instructions)
+        assert result.transitions[:claimed] == result.instructions
+        assert states(result.transitions[claimed:]) == [
+            (queued[2].iid, InstructionState.WAITING),
+            (queued[3].iid, InstructionState.WAITING),
+        ]
         exact = await store.accept_data(data(b"s", 1, delivery=Delivery(budget=65)))
         assert [i.attempts for i in exact.instructions] == [2, 2, 1, 1] and not exact.more
         assert exact.transitions == exact.instructions[2:]
+
+    @pytest_twisted.ensureDeferred
+    async def test_an_instruction_left_behind_waits_and_is_reported_once(self, store: Any) -> None:
+        await provision(store, "m1", apps=("app",))
+        queued = await store.enqueue(new_instruction("m1", 30), NOW)
+        await open_session(store, "m1", b"s")  # no reply being built: nothing waits
+        assert (await store.get_instruction("m1", queued.iid)).state is InstructionState.QUEUED
+        for ctr in (1, 2):  # heard from twice with no room: it waits, reported once
+            left = await store.accept_data(data(b"s", ctr, delivery=Delivery(budget=29)))
+            assert left.instructions == () and left.more
+            waiting = await store.get_instruction("m1", queued.iid)
+            assert (waiting.state, waiting.attempts) == (InstructionState.WAITING, 0)
+        assert states(left.transitions) == []
+        rides = await store.accept_data(data(b"s", 3, delivery=Delivery(budget=30)))
+        assert states(rides.transitions) == [(queued.iid, InstructionState.SENT)]
+        cancelled = await store.enqueue(new_instruction("m1", 50), NOW)
+        await store.accept_data(data(b"s", 4, delivery=Delivery(budget=0)))
+        assert (await store.cancel_instruction("m1", cancelled.iid, NOW)).state is (
+            InstructionState.CANCELLED
+        )
+        shown = [p for kind, p in await events_of(store, "app") if kind == "instruction"]
+        assert [(p["iid"], p["state"]) for p in shown] == [
+            (queued.iid, "queued"),
+            (queued.iid, "waiting"),
+            (queued.iid, "sent"),
+            (cancelled.iid, "queued"),
+            (cancelled.iid, "waiting"),
+            (cancelled.iid, "cancelled"),
+        ]
 
     @pytest_twisted.ensureDeferred
     async def test_no_delivery_claims_nothing(self, store: Any) -> None:
@@ -783,7 +818,7 @@ class TestModuleStoreContract:
         assert (failed.state, failed.attempts) == (InstructionState.FAILED, 3)
         assert result.transitions == (failed,)
         states = [p["state"] for kind, p in await events_of(store, "app") if kind == "instruction"]
-        assert states == ["sent", "failed"]
+        assert states == ["queued", "sent", "failed"]
 
     @pytest_twisted.ensureDeferred
     async def test_instructions_past_not_after_expire_instead_of_riding(self, store: Any) -> None:
@@ -1039,11 +1074,12 @@ class TestModuleStoreContract:
         with pytest.raises(TypeError):
             await store.append_events([NewEvent("report", "m1", {"b": b"x"})], NOW)
         await store.ack_events("a", 1)
-        assert heard == [frozenset({"a", "b"}), frozenset({"c"}), frozenset({"a"})]
+        # report, alert, the instruction queued, then cancelled (acks append nothing)
+        assert heard == [frozenset({"a", "b"}), frozenset({"c"})] + [frozenset({"a"})] * 2
         store.remove_event_listener(heard.append)
         store.remove_event_listener(heard.append)
         await store.append_events([NewEvent("report", "m1", {})], NOW)
-        assert len(heard) == 3
+        assert len(heard) == 4
 
     @pytest_twisted.ensureDeferred
     async def test_append_events_refuses_a_payload_that_is_not_json(self, store: Any) -> None:
@@ -1193,7 +1229,10 @@ class TestKeyLifecycleContract:
             )
         )
         assert more.instructions == () and not more.more
-        assert await events_of(store, "app") == [
+        shown = await events_of(store, "app")
+        # The instruction could not ride, the module not being approved: it waits (once).
+        assert [p["state"] for k, p in shown if k == "instruction"] == ["queued", "waiting"]
+        assert [(k, p) for k, p in shown if k != "instruction"] == [
             (
                 "module",
                 {
@@ -1210,12 +1249,12 @@ class TestKeyLifecycleContract:
         assert len(await store.list_reports("m1")) == 1
         # Only the first accepted HELLO raises the event.
         await open_session(store, "m1", b"t", ts=2)
-        assert len(await events_of(store, "app")) == 2
+        assert len(await events_of(store, "app")) == 4
 
         approved = await store.decide_approval("m1", True, NOW + 5)
         assert approved.status is ModuleStatus.ENABLED
         assert (await store.get_module("m1")).status is ModuleStatus.ENABLED
-        assert (await events_of(store, "app"))[2:] == [
+        assert (await events_of(store, "app"))[4:] == [
             ("module", {"event": "approved", "module": "m1", "at": NOW + 5}),
             ("report", {"n": 1}),
             ("alert", {"code": "tamper"}),
@@ -1251,8 +1290,17 @@ class TestKeyLifecycleContract:
     async def test_a_queued_keygen_is_a_key_event_requested(self, store: Any) -> None:
         await provision(store, "m1", apps=("app",))
         queued = await store.enqueue(keygen("m1", 2, source="billing"), NOW)
-        await store.enqueue(NewInstruction("m1", "keygen", b"\xf6", 10), NOW)  # not Params
-        assert await events_of(store, "app") == [
+        odd = await store.enqueue(NewInstruction("m1", "keygen", b"\xf6", 10), NOW)  # not Params
+        shown = await events_of(store, "app")
+        # Every instruction is reported queued, to the application that submitted it
+        # (billing) or, for the operator's, to every application of the module.
+        assert [(p["iid"], p["state"]) for k, p in shown if k == "instruction"] == [
+            (odd.iid, "queued")
+        ]
+        assert [(p["iid"], p["state"]) for k, p in await events_of(store, "billing")] == [
+            (queued.iid, "queued")
+        ]
+        assert [(k, p) for k, p in shown if k != "instruction"] == [
             (
                 "key",
                 {

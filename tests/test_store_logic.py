@@ -71,7 +71,7 @@ def test_plan_delivery(
             NOW,
         )
         assert before.attempts < max_attempts and not logic.instruction_expired(before, NOW)
-        assert (taken.iid in plan.first_ride) == (before.state is InstructionState.QUEUED)
+        assert (taken.iid in plan.first_ride) == (before.state in logic.UNSENT_STATES)
     assert plan.first_ride <= {i.iid for i in plan.taken}
     # The queue is read only as far as needed.
     if plan.more and order[len(decided)] not in preferred:

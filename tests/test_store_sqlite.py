@@ -217,7 +217,7 @@ def test_the_lookups_of_the_protocol_have_indexes(tmp_path: Path) -> None:
     )
     assert "USING INDEX instructions_pending (module_id=? AND iid>?)" in plan(
         "SELECT * FROM instructions WHERE module_id = 'm' AND iid > 0"
-        " AND state IN ('queued', 'sent') ORDER BY iid LIMIT 32"
+        " AND state IN ('queued', 'waiting', 'sent') ORDER BY iid LIMIT 32"
     )
 
 

@@ -64,6 +64,7 @@ from m2mgw.keys.params import ParameterSet, default_set, find_set
 from m2mgw.keys.rotation import params_for_key, request_rotation, retire_suite
 from m2mgw.protocol import cbor
 from m2mgw.records import (
+    PENDING_INSTRUCTION_STATES,
     VOUCHED_BY_OPERATOR,
     VOUCHED_BY_PSK,
     InstructionState,
@@ -938,9 +939,7 @@ async def cmd_module_show(ctx: Context) -> None:
         raise OperatorError(f"no module {module_id!r}")
     keys = await store.list_keys(module_id)
     apps = await store.get_module_apps(module_id)
-    pending = await store.list_instructions(
-        module_id, [InstructionState.QUEUED, InstructionState.SENT], PAGE_SIZE
-    )
+    pending = await store.list_instructions(module_id, list(PENDING_INSTRUCTION_STATES), PAGE_SIZE)
     reports = await store.list_reports(module_id, 1)
     session = await store.get_module_session(module_id)
     now = ctx.now()

@@ -214,10 +214,8 @@ class EventDelivery:
     async def _run(self) -> None:
         """Read and push until caught up, paused, stopped or the window is full."""
         try:
-            while self._active and not self._paused:
+            while self._active and not self._paused and self._has_room():
                 room = self._max_unacked - len(self._pushed)
-                if room <= 0:
-                    break
                 self._dirty = False
                 events = await self.store.events_after(
                     self.app, self._processed, min(self._batch, room)
@@ -242,8 +240,14 @@ class EventDelivery:
             await self._release_withheld()
         finally:
             self._running = False
-        if self._dirty and self._active and not self._paused:
+        # With the window full, only an acknowledgement makes room, and
+        # :meth:`acknowledge` wakes the delivery: rescheduling now would spin.
+        if self._dirty and self._active and not self._paused and self._has_room():
             self.wake()
+
+    def _has_room(self) -> bool:
+        """Whether the window of unacknowledged events can take one more."""
+        return len(self._pushed) < self._max_unacked
 
     async def _learn_groups(self, module_ids: Iterable[str | None]) -> None:
         """Look up the groups of the modules not seen yet."""

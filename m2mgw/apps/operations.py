@@ -52,6 +52,7 @@ from m2mgw.interfaces import IModuleStore
 from m2mgw.protocol import cbor
 from m2mgw.protocol.senml import to_json
 from m2mgw.records import (
+    PENDING_INSTRUCTION_STATES,
     Instruction,
     InstructionState,
     Module,
@@ -76,7 +77,7 @@ MAX_FILTER_ENTRIES = 10_000
 #: ``modules`` pages: default and largest ``limit``.
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
-_PENDING = (InstructionState.QUEUED, InstructionState.SENT)
+_PENDING = PENDING_INSTRUCTION_STATES
 
 
 class RotationRequest(Protocol):

@@ -24,11 +24,11 @@ from twisted.logger import Logger
 
 from m2mgw.apps.events import EventHub
 from m2mgw.interfaces import IModuleStore
-from m2mgw.records import Instruction, InstructionState
+from m2mgw.records import PENDING_INSTRUCTION_STATES, Instruction
 
 __all__ = ["InstructionPoll"]
 
-_PENDING = (InstructionState.QUEUED, InstructionState.SENT)
+_PENDING = PENDING_INSTRUCTION_STATES
 
 
 class InstructionPoll:

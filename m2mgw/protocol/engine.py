@@ -90,6 +90,7 @@ from m2mgw.protocol.messages import (
 from m2mgw.protocol.retransmit import ReplyCache
 from m2mgw.protocol.senml import report_json
 from m2mgw.records import (
+    PENDING_INSTRUCTION_STATES,
     VOUCHED_BY_PSK,
     Confirmation,
     DataCommit,
@@ -97,7 +98,6 @@ from m2mgw.records import (
     ExchangeResult,
     HelloCommit,
     Instruction,
-    InstructionState,
     KeyStatus,
     Module,
     ModuleKey,
@@ -855,9 +855,7 @@ class ModuleController:
 
     async def _expected_keygen(self, module_id: str) -> list[Params]:
         """The Params of the module's outstanding keygen instructions."""
-        pending = await self._store.list_instructions(
-            module_id, states=(InstructionState.QUEUED, InstructionState.SENT)
-        )
+        pending = await self._store.list_instructions(module_id, states=PENDING_INSTRUCTION_STATES)
         found = []
         for instruction in pending:
             if instruction.kind != KIND_KEYGEN:

@@ -17,6 +17,7 @@ from typing import Any
 from m2mgw.errors import DecodeError
 from m2mgw.protocol import cbor
 from m2mgw.records import (
+    PENDING_INSTRUCTION_STATES,
     Confirmation,
     Delivery,
     Instruction,
@@ -38,7 +39,9 @@ NON_APP_SOURCES = frozenset({"operator", "spool", "gateway"})
 INT64_MAX = 2**63 - 1
 
 #: The states in which an instruction waits for delivery or for its confirmation.
-PENDING_STATES = (InstructionState.QUEUED, InstructionState.SENT)
+PENDING_STATES = PENDING_INSTRUCTION_STATES
+#: The pending states of an instruction that has not ridden yet.
+UNSENT_STATES = (InstructionState.QUEUED, InstructionState.WAITING)
 
 #: The key states that can open a session.
 USABLE_KEY_STATES = (KeyStatus.ACTIVE, KeyStatus.PENDING)
@@ -200,7 +203,7 @@ def plan_delivery(
             if instruction.iid not in preferred_iids and not consider(instruction):
                 break
     chosen.sort(key=lambda instruction: instruction.iid)
-    plan.first_ride = {i.iid for i in chosen if i.state is InstructionState.QUEUED}
+    plan.first_ride = {i.iid for i in chosen if i.state in UNSENT_STATES}
     plan.taken = [
         replace(
             instruction,

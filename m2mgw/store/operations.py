@@ -45,6 +45,9 @@ from m2mgw.store.tables import Tables
 
 #: How many pending instructions a delivery reads at a time.
 PENDING_PAGE = 32
+#: The most ``queued`` instructions one exchange marks ``waiting`` (the rest
+#: are marked by the module's next exchanges).
+WAITING_MARK_LIMIT = 256
 
 
 class _EventWriter:
@@ -144,6 +147,20 @@ class _Exchange:
         for new in effects.new_instructions:
             self.created.append(enqueue(tables, new, self.now, self.events))
 
+    def mark_waiting(self, riding: set[int]) -> None:
+        """
+        The module was heard from, but not every instruction rides in the
+        reply: its ``queued`` ones that do not ride become ``waiting`` (each
+        reported once; those already ``waiting`` stay so, unreported).
+        """
+        for instruction in self.tables.list_instructions(
+            self.module_id, [InstructionState.QUEUED], WAITING_MARK_LIMIT
+        ):
+            if instruction.iid not in riding:
+                self.change_instruction(
+                    logic.with_state(instruction, InstructionState.WAITING, self.now)
+                )
+
     def result(
         self, delivery: Delivery | None, duplicate_outcome: bytes | None = None
     ) -> ExchangeResult:
@@ -163,6 +180,8 @@ class _Exchange:
                 else:
                     self.tables.update_instruction(instruction)
             claimed, more = plan.taken, plan.more
+        if delivery is not None and (self.holding or more):
+            self.mark_waiting({instruction.iid for instruction in claimed})
         return ExchangeResult(
             instructions=tuple(claimed),
             more=more,
@@ -410,7 +429,8 @@ def enqueue(
 ) -> Instruction:
     """
     Queue an instruction under the module's next ``iid`` (or return its
-    idempotent twin); a ``keygen`` is reported as a ``key`` event ``requested``.
+    idempotent twin), reported as an ``instruction`` event ``queued``; a
+    ``keygen`` is also reported as a ``key`` event ``requested``.
     """
     _module(tables, new.module_id)
     if new.idempotency_key is not None:
@@ -419,9 +439,11 @@ def enqueue(
             return earlier
     instruction = logic.queued_instruction(new, tables.allocate_iid(new.module_id), now)
     tables.insert_instruction(instruction)
+    writer = events or _EventWriter(tables, now)
+    writer.append(logic.instruction_event(instruction))
     requested = logic.keygen_requested_event(instruction)
     if requested is not None:
-        (events or _EventWriter(tables, now)).append(requested)
+        writer.append(requested)
     return instruction
 
 

@@ -385,7 +385,7 @@ class SQLiteTables(Tables):
                 AND NOT EXISTS (SELECT 1 FROM module_keys AS o WHERE o.module_id = k.module_id
                     AND (o.status = 'pending' OR (o.status = 'active' AND o.kid > k.kid)))
                 AND NOT EXISTS (SELECT 1 FROM instructions AS i WHERE i.module_id = k.module_id
-                    AND i.kind = 'keygen' AND i.state IN ('queued', 'sent'))
+                    AND i.kind = 'keygen' AND i.state IN ('queued', 'waiting', 'sent'))
             ORDER BY k.module_id LIMIT :limit
             """,
             {
@@ -557,7 +557,7 @@ class SQLiteTables(Tables):
         rows = self._all(
             _SELECT_INSTRUCTION
             + """
-            WHERE module_id = ? AND iid > ? AND state IN ('queued', 'sent')
+            WHERE module_id = ? AND iid > ? AND state IN ('queued', 'waiting', 'sent')
             ORDER BY iid LIMIT ?
             """,
             (module_id, after_iid, limit),
@@ -593,7 +593,7 @@ class SQLiteTables(Tables):
         rows = self._all(
             _SELECT_INSTRUCTION
             + """
-            WHERE state IN ('queued', 'sent') AND not_after IS NOT NULL AND not_after < ?
+            WHERE state IN ('queued', 'waiting', 'sent') AND not_after IS NOT NULL AND not_after < ?
             ORDER BY module_id, iid
             """,
             (now,),
