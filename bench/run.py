@@ -587,6 +587,31 @@ def bench_data(ctx: Context, results: dict[str, Any]) -> None:
             f"{echo_per_cpu:,.0f} = {run['cpu_ratio'] or 0:.3f}, less sensitive to sharing)"
         )
         before = after
+    floor = crypto_limit.data_floor(settings.crypto_seconds / 2, settings.crypto_rounds)
+    echo_us = [
+        1e6 / run["server"]["per_cpu_second"]
+        for run in runs["echo"]
+        if run["server"]["per_cpu_second"]
+    ]
+    echo_cost = sum(echo_us) / len(echo_us) if echo_us else 0.0
+    floor_us = echo_cost + floor["aead"] + floor["cbor"]
+    runs["floor_us"] = {"echo": echo_cost, **floor}
+    say(
+        f"  floor of a warm DATA, per datagram: echo server {echo_cost:.1f} µs of CPU (recvfrom + "
+        f"sendto), AEAD open + seal {floor['aead']:.1f} µs, CBOR decode (checked) + encode "
+        f"{floor['cbor']:.1f} µs = {floor_us:.1f} µs"
+    )
+    best_ratio = echo_cost / floor_us if floor_us else 0.0
+    runs["floor_ratio"] = best_ratio
+    gateway_us = ", ".join(
+        f"{store} {1e6 / runs[store]['server']['per_cpu_second']:.0f} µs"
+        for store in ("memory", "sqlite")
+        if runs[store]["server"]["per_cpu_second"]
+    )
+    say(
+        f"    a gateway doing nothing else would answer at most {best_ratio:.2f} of the echo "
+        f"rate per CPU-second; measured CPU per DATA: {gateway_us}"
+    )
     server = runs["sqlite"]["server"]
     store_delta = server.get("store")
     if store_delta:

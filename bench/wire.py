@@ -41,6 +41,7 @@ from m2mgw.client.module import (
 )
 from m2mgw.client.module import ServerPublicKey as ClientServerKey
 from m2mgw.config import ProtocolPolicy
+from m2mgw.crypto.ec import compress_point
 from m2mgw.datadir import LoadedServerKey
 from m2mgw.interfaces import ICipherSuite
 from m2mgw.protocol import keyschedule
@@ -115,7 +116,12 @@ class WakeBench:
     """One gateway engine and one module client, for one suite and policy."""
 
     def __init__(
-        self, suite_name: str, policy: ProtocolPolicy, method: str, require_signature: bool
+        self,
+        suite_name: str,
+        policy: ProtocolPolicy,
+        method: str,
+        require_signature: bool,
+        compress_points: bool = False,
     ) -> None:
         self.suite: ICipherSuite = lookup(ICipherSuite, suite_name)
         suite = self.suite
@@ -154,7 +160,9 @@ class WakeBench:
             hello_method=method,
             hint_mode="hidden",
         )
-        self.endpoint = ModuleEndpoint(state, clock=lambda: float(self.now))
+        self.endpoint = ModuleEndpoint(
+            state, clock=lambda: float(self.now), compress_points=compress_points
+        )
 
     def answer(self, datagram: bytes) -> bytes:
         """The engine's reply to ``datagram``.
@@ -254,15 +262,6 @@ class WakeBench:
         return len(outgoing.datagram), len(reply)
 
 
-def compress_point(point: bytes) -> bytes:
-    """The SEC1 compressed form of an uncompressed point ``04 || x || y``."""
-    if not point or point[0] != 0x04 or len(point) % 2 != 1:
-        raise ValueError("not an uncompressed SEC1 point")
-    half = (len(point) - 1) // 2
-    x, y = point[1 : 1 + half], point[1 + half :]
-    return bytes((0x02 | (y[-1] & 1),)) + x
-
-
 def _row(name: str, variant: str, sizes: tuple[int, int], note: str, judged: bool) -> Row:
     return Row(name, variant, sizes[0], sizes[1], TARGETS[name] if judged else None, note)
 
@@ -302,9 +301,20 @@ def measure() -> list[Row]:
         rows.append(
             _row(
                 name,
-                "as the client builds it",
+                "as the client builds it (default)",
                 (up, down),
                 f"uncompressed epk, 16-byte tok; {note}",
+                False,
+            )
+        )
+        compact = WakeBench(suite_name, policy, method.name.lower(), signed, compress_points=True)
+        up, down, body = compact.client_hello(payload)
+        rows.append(
+            _row(
+                name,
+                "as the client builds it, compress_points=True",
+                (up, down),
+                f"compressed epk, 16-byte tok; {note}",
                 True,
             )
         )
@@ -333,11 +343,11 @@ def report_lines(rows: list[Row]) -> list[str]:
         return f"target <= {row.target[0]} / <= {row.target[1]}: up {up}, down {down}"
 
     lines = [
-        f"  {'exchange':<20} {'variant':<26} {'up':>4} {'down':>5}   verdict; what it holds",
+        f"  {'exchange':<20} {'variant':<46} {'up':>4} {'down':>5}   verdict; what it holds",
     ]
     for row in rows:
         lines.append(
-            f"  {row.name:<20} {row.variant:<26} {row.up:>4} {row.down:>5}   "
+            f"  {row.name:<20} {row.variant:<46} {row.up:>4} {row.down:>5}   "
             f"{judged(row)}; {row.note}"
         )
     lines.append(

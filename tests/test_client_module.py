@@ -533,3 +533,20 @@ def test_a_second_hello_falls_back_from_a_just_registered_key() -> None:
     assert kids == [2, 2, 1]  # the registered key, its copy, then the active one
     assert endpoint.hello_credential() == (2, AuthMethod.SIG)
     assert endpoint.hello_credential(fallback=True) == (1, AuthMethod.SIG)
+
+
+@pytest.mark.parametrize(("suite_name", "size"), [("p256", 33), ("p256-ccm8", 33), ("p384", 49)])
+def test_compress_points_sends_a_compressed_epk_that_the_gateway_accepts(
+    suite_name: str, size: int
+) -> None:
+    endpoint, gateway, _ = warm_endpoint(suite_name, compress_points=True)
+    hello = endpoint.build_hello()
+    epk = parse_request(hello.datagram).epk  # type: ignore[union-attr]
+    assert len(epk) == size and epk[0] in (2, 3)
+    reply = gateway.hello_reply(hello.datagram)
+    assert endpoint.handle_hello_reply(reply, hello.context).accepted  # type: ignore[arg-type]
+
+
+def test_compress_points_leaves_other_suites_alone() -> None:
+    endpoint, _, _ = warm_endpoint("x25519", compress_points=True)
+    assert len(parse_request(endpoint.build_hello().datagram).epk) == 32  # type: ignore[union-attr]

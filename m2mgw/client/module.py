@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from m2mgw.crypto.ec import ECSuite, compress_point
 from m2mgw.crypto.randomness import system_random
 from m2mgw.errors import CryptoError, M2MGWError, UnknownPlugin
 from m2mgw.interfaces import ICipherSuite, RandomSource
@@ -516,6 +517,10 @@ class ModuleEndpoint:
         session expires.
     :param keep_psk: keep the PSK after a key became active (the gateway's
         policy decides whether it still accepts it).
+    :param compress_points: send a HELLO's ephemeral key as a compressed
+        SEC1 point in the EC suites (33 bytes instead of 65 with P-256;
+        MGP/1 §3 has every receiver accept both), for lean links.  Off by
+        default: the fixed-key vectors carry uncompressed points.
     :raise ValueError: ``state`` breaks its invariants (:meth:`ModuleState.check`).
     """
 
@@ -529,6 +534,7 @@ class ModuleEndpoint:
         key_factory: KeyFactory = _default_key_factory,
         renew_before: float = DEFAULT_RENEW_BEFORE,
         keep_psk: bool = False,
+        compress_points: bool = False,
     ) -> None:
         state.check()
         self.state = state
@@ -538,6 +544,7 @@ class ModuleEndpoint:
         self._key_factory = key_factory
         self._renew_before = renew_before
         self._keep_psk = keep_psk
+        self._compress_points = compress_points
         self._loaded_keys: dict[tuple[int, bytes], Any] = {}
 
     # -- time and lookups ---------------------------------------------------------------
@@ -775,6 +782,8 @@ class ModuleEndpoint:
         pl = self._merge(payload, confs, keyreg)
 
         epk, z_es = suite.encapsulate(server.public, self._random)
+        if self._compress_points and isinstance(suite, ECSuite):
+            epk = compress_point(epk)
         tok = self._random(HELLO_TOK_BYTES)
         ts = max(int(self.now()), state.last_ts + 1)
         hint: bytes | str

@@ -35,7 +35,7 @@ from m2mgw.crypto.primitives import (
 from m2mgw.errors import BadKey, BadPoint, BadSignature
 from m2mgw.interfaces import ICipherSuite, RandomSource
 
-__all__ = ["P256", "P256_CCM8", "P384", "ECSuite", "NamedCurve"]
+__all__ = ["P256", "P256_CCM8", "P384", "ECSuite", "NamedCurve", "compress_point"]
 
 #: Bytes drawn beyond the field size when deriving a private key (FIPS 186-5 A.2.1).
 EXTRA_RANDOM_BYTES = 8
@@ -108,6 +108,20 @@ P384_CURVE = NamedCurve(
     0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973,
     48,
 )
+
+
+def compress_point(point: bytes) -> bytes:
+    """
+    The SEC1 compressed form ``02/03 || x`` of an uncompressed point
+    ``04 || x || y`` (MGP/1 §3: receivers accept both).  Only the encoding
+    changes: the point was valid, it stays so.
+
+    :raise ValueError: ``point`` is not an uncompressed SEC1 point.
+    """
+    if not point or point[0] != 0x04 or len(point) % 2 != 1:
+        raise ValueError("not an uncompressed SEC1 point")
+    half = (len(point) - 1) // 2
+    return bytes((0x02 | (point[-1] & 1),)) + point[1 : 1 + half]
 
 
 def _uncompressed(public_key: ec.EllipticCurvePublicKey) -> bytes:

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_KEY_FILE_BYTES",
     "AeadAlgorithm",
     "CipherSuiteBase",
+    "KeyedAead",
     "check_params",
     "hash_algorithm",
     "hkdf",
@@ -170,6 +171,64 @@ class AeadAlgorithm:
             raise BadTag("authentication failed") from None
         except (ValueError, OverflowError) as e:
             raise CryptoError(f"{self.kind} decryption failed: {e}") from None
+
+    def keyed(self, key: bytes) -> KeyedAead:
+        """
+        This AEAD with ``key`` set up once, for the many messages of a session.
+
+        :raise m2mgw.errors.CryptoError: wrong key size.
+        """
+        return KeyedAead(self, key)
+
+
+class KeyedAead:
+    """
+    An :class:`AeadAlgorithm` with its key set up (``cryptography``'s cipher
+    object, built once): :meth:`seal` and :meth:`open` as the algorithm's,
+    without the key.
+
+    :raise m2mgw.errors.CryptoError: wrong key size.
+    """
+
+    __slots__ = ("_cipher", "_kind", "_nonce_len", "_tag_len")
+
+    def __init__(self, algorithm: AeadAlgorithm, key: bytes) -> None:
+        self._cipher = algorithm._cipher(key, bytes(algorithm.nonce_len))
+        self._kind = algorithm.kind
+        self._nonce_len = algorithm.nonce_len
+        self._tag_len = algorithm.tag_len
+
+    def seal(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        """
+        Encrypt and authenticate, as :meth:`AeadAlgorithm.seal`.
+
+        :raise m2mgw.errors.CryptoError: wrong nonce size, or a plaintext too long.
+        """
+        if len(nonce) != self._nonce_len:
+            raise CryptoError(f"{self._kind} needs a {self._nonce_len}-byte nonce")
+        try:
+            return self._cipher.encrypt(nonce, plaintext, aad)
+        except (ValueError, OverflowError) as e:
+            raise CryptoError(f"{self._kind} encryption failed: {e}") from None
+
+    def open(self, nonce: bytes, aad: bytes, ciphertext: bytes) -> bytes:
+        """
+        Check and decrypt, as :meth:`AeadAlgorithm.open`.
+
+        :raise m2mgw.errors.BadTag: authentication failed, or ``ciphertext``
+            is shorter than the tag.
+        :raise m2mgw.errors.CryptoError: wrong nonce size.
+        """
+        if len(nonce) != self._nonce_len:
+            raise CryptoError(f"{self._kind} needs a {self._nonce_len}-byte nonce")
+        if len(ciphertext) < self._tag_len:
+            raise BadTag("ciphertext shorter than the tag")
+        try:
+            return self._cipher.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise BadTag("authentication failed") from None
+        except (ValueError, OverflowError) as e:
+            raise CryptoError(f"{self._kind} decryption failed: {e}") from None
 
 
 # -- key files ----------------------------------------------------------------------
@@ -356,6 +415,14 @@ class CipherSuiteBase:
         :raise m2mgw.errors.CryptoError: wrong key or nonce size.
         """
         return self._aead.open(key, nonce, aad, ciphertext)
+
+    def keyed_aead(self, key: bytes) -> KeyedAead:
+        """
+        The suite's AEAD with ``key`` set up once (for a session's many messages).
+
+        :raise m2mgw.errors.CryptoError: wrong key size.
+        """
+        return self._aead.keyed(key)
 
     def check_params(self, params: Mapping[int, Any]) -> None:
         """

@@ -34,7 +34,7 @@ import enum
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 from m2mgw.protocol import cbor
 from m2mgw.protocol.messages import (
@@ -268,6 +268,21 @@ def _first(*problems: str | None) -> str | None:
 def _check(problem: str | None) -> None:
     if problem is not None:
         raise ValueError(problem)
+
+
+_T = TypeVar("_T")
+
+
+def _checked(cls: type[_T], fields: dict[str, Any]) -> _T:
+    """
+    An instance of the frozen dataclass ``cls`` from ``fields`` (every field)
+    that the caller has already checked: ``__post_init__`` does not run again.
+    For the parsers, whose checks raise :class:`MalformedMessage` first, and
+    the per-datagram path.
+    """
+    instance = object.__new__(cls)
+    instance.__dict__.update(fields)
+    return instance
 
 
 def _int_keyed(value: Mapping[Any, Any]) -> dict[int, Any]:
@@ -600,13 +615,17 @@ def parse_payload(value: Mapping[Any, Any]) -> Payload:
     if _REQ in fields:
         requests, req_errors = _parse_req(fields[_REQ])
         errors.extend(req_errors)
-    return Payload(
-        data=fields.get(_DATA, MISSING),
-        conf=tuple(conf),
-        keyreg=keyreg,
-        note=note,
-        req=tuple(requests),
-        errors=tuple(errors),
+    # Every field was built by the item parsers above: what Payload checks holds.
+    return _checked(
+        Payload,
+        {
+            "data": fields.get(_DATA, MISSING),
+            "conf": tuple(conf),
+            "keyreg": keyreg,
+            "note": note,
+            "req": tuple(requests),
+            "errors": tuple(errors),
+        },
     )
 
 
@@ -824,7 +843,8 @@ def parse_data_body(plaintext: bytes) -> DataBody:
         )
     )
     pl = _payload_or_none(fields.get(_PL, _ABSENT))
-    return DataBody(ts=None if ts is _ABSENT else ts, tok=tok, pl=pl)
+    # ts and tok passed the checks of DataBody just above; pl is a Payload or None.
+    return _checked(DataBody, {"ts": None if ts is _ABSENT else ts, "tok": tok, "pl": pl})
 
 
 # --- Instructions and their bodies (§8.2, §9) ----------------------------------------
@@ -1252,6 +1272,27 @@ class ReplyBody:
                 self.res,
             )
         )
+
+    @classmethod
+    def ack_only(cls, ack: bytes, time: int | None = None) -> ReplyBody:
+        """
+        A ReplyBody with ``ack`` and ``time`` only, without the checks of the
+        constructor: for the per-datagram path, where ``ack`` is a ``tok``
+        that :func:`parse_data_body` or :func:`parse_hello_body` accepted
+        (4-32 bytes) and ``time`` the gateway's clock.
+        """
+        fields: dict[str, Any] = {
+            "ack": ack,
+            "stok": None,
+            "exp": None,
+            "time": time,
+            "ins": (),
+            "more": False,
+            "alias": None,
+            "err": (),
+            "res": {},
+        }
+        return _checked(cls, fields)
 
     @property
     def keyreg_result(self) -> KeyRegResult | None:

@@ -26,7 +26,7 @@ import cbor2
 
 from m2mgw.errors import DecodeError
 
-__all__ = ["Tag", "decode", "encode"]
+__all__ = ["DECLINED", "Tag", "decode", "decode_canonical", "encode", "head"]
 
 Tag = cbor2.CBORTag
 
@@ -53,6 +53,16 @@ def _head(major: int, value: int) -> bytes:
     if value < 0x10000000000000000:
         return bytes((mt | 27,)) + value.to_bytes(8, "big")
     raise ValueError("integer too large for a CBOR head")
+
+
+def head(major: int, value: int) -> bytes:
+    """
+    The shortest head of major type ``major`` with argument ``value`` (the
+    length of a string or array, or an unsigned integer's value).
+
+    :raise ValueError: ``value`` over 64 bits.
+    """
+    return _head(major, value)
 
 
 def _float(value: float) -> bytes:
@@ -249,6 +259,136 @@ def _decoder_options() -> dict[str, Any]:
 _DECODER_OPTIONS = _decoder_options()
 
 
+#: :func:`decode_canonical`'s answer when it leaves ``data`` to the full decoder.
+DECLINED: Any = object()
+
+
+class _Decline(Exception):
+    """Internal: the fast decoder leaves this input to the full one."""
+
+
+def _argument(data: bytes, pos: int, info: int) -> tuple[int, int]:
+    """The argument of a head whose additional information is ``info`` >= 24, in shortest form."""
+    if info == 24:
+        value = data[pos]
+        if value < 24:
+            raise _Decline
+        return value, pos + 1
+    if info == 25:
+        end, floor = pos + 2, 0x100
+    elif info == 26:
+        end, floor = pos + 4, 0x10000
+    elif info == 27:
+        end, floor = pos + 8, 0x100000000
+    else:  # 28-30 reserved, 31 indefinite length
+        raise _Decline
+    if end > len(data):
+        raise _Decline
+    value = int.from_bytes(data[pos:end], "big")
+    if value < floor:
+        raise _Decline
+    return value, end
+
+
+#: Simple values the fast decoder reads (false, true, null), by additional information.
+_SIMPLE = {20: False, 21: True, 22: None}
+#: Half, single and double floats: their sizes and formats, by additional information.
+_FLOAT_SIZES = {25: 2, 26: 4, 27: 8}
+_FLOAT_FORMATS = {25: ">e", 26: ">f", 27: ">d"}
+
+
+def _item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
+    """The item at ``pos`` (nested at ``depth``) and the position after it."""
+    if depth > MAX_DEPTH:
+        raise _Decline
+    initial = data[pos]
+    major = initial >> 5
+    info = initial & 31
+    pos += 1
+    if major == 7:
+        if info in _SIMPLE:
+            return _SIMPLE[info], pos
+        size = _FLOAT_SIZES.get(info)
+        if size is None:
+            raise _Decline  # other simple values, break
+        end = pos + size
+        if end > len(data):
+            raise _Decline
+        value = struct.unpack(_FLOAT_FORMATS[info], data[pos:end])[0]
+        if _float(value) != data[pos - 1 : end]:  # not the shortest exact form
+            raise _Decline
+        return value, end
+    if info < 24:
+        arg = info
+    else:
+        arg, pos = _argument(data, pos, info)
+    if major == 0:
+        return arg, pos
+    if major == 2:
+        end = pos + arg
+        if end > len(data):
+            raise _Decline
+        return data[pos:end], end
+    if major == 3:
+        end = pos + arg
+        if end > len(data):
+            raise _Decline
+        try:
+            return data[pos:end].decode("utf-8"), end
+        except UnicodeDecodeError:
+            raise _Decline from None
+    if major == 4:
+        items = []
+        inner = depth + 1
+        for _ in range(arg):
+            item, pos = _item(data, pos, inner)
+            items.append(item)
+        return items, pos
+    if major == 5:
+        mapping: dict[Any, Any] = {}
+        inner = depth + 1
+        previous = b""
+        for _ in range(arg):
+            start = pos
+            key, pos = _item(data, pos, inner)
+            raw_key = data[start:pos]
+            # Keys ascending by their encodings, strictly: sorted and no duplicates.
+            if raw_key <= previous or type(key) in (list, dict):
+                raise _Decline
+            previous = raw_key
+            mapping[key], pos = _item(data, pos, inner)
+        if len(mapping) != arg:  # keys equal in Python (1 and true): not for this path
+            raise _Decline
+        return mapping, pos
+    if major == 1:
+        return -1 - arg, pos
+    raise _Decline  # tags
+
+
+def decode_canonical(data: bytes) -> Any:
+    """
+    Decode ``data`` quickly if it is one deterministically encoded item made
+    of unsigned and negative integers, floats, byte and text strings, arrays,
+    maps, ``false``, ``true`` and ``null`` (what MGP/1 messages and SenML
+    hold), nested within :data:`MAX_DEPTH`; else return :data:`DECLINED`.
+
+    It checks canonical form while it reads (shortest heads, definite
+    lengths, map keys strictly ascending by their encodings), so a value it
+    returns is exactly what :func:`decode` returns for ``data``.  Everything
+    else -- tags, bignums, other simple values, malformed or non-deterministic
+    input -- is declined and left to :func:`decode`, which decides.
+    """
+    if type(data) is not bytes:
+        return DECLINED
+    try:
+        value, end = _item(data, 0, 1)
+    except (_Decline, IndexError, RecursionError):
+        return DECLINED
+    if end != len(data):
+        return DECLINED
+    return value
+
+
 def decode(data: bytes, *, check_deterministic: bool = True) -> Any:
     """
     Decode one CBOR item that spans all of ``data``.
@@ -260,6 +400,10 @@ def decode(data: bytes, *, check_deterministic: bool = True) -> Any:
         than :data:`MAX_DEPTH`, or (with ``check_deterministic``) not in
         deterministic encoding.
     """
+    if check_deterministic:
+        value = decode_canonical(data)
+        if value is not DECLINED:
+            return value
     stream = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(stream, str_errors="strict", **_DECODER_OPTIONS)

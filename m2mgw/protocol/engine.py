@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -186,7 +186,75 @@ class _PayloadOutcome:
 
     def encode_outcome(self) -> bytes:
         """The ``[err, res]`` remembered with a DATA's ``tok`` (MGP/1 §8.4)."""
+        if not self.err and not self.res:
+            return _EMPTY_OUTCOME
         return cbor.encode([[list(e) for e in self.err], self.res])
+
+
+#: ``CBOR [[], {}]``: the outcome of a DATA without ``err`` or ``res``.
+_EMPTY_OUTCOME = cbor.encode([[], {}])
+
+
+class _SuiteAead:
+    """A session key and its suite's ``seal``/``open``, for a suite without ``keyed_aead``."""
+
+    def __init__(self, suite: ICipherSuite, key: bytes) -> None:
+        self._suite = suite
+        self._key = key
+
+    def seal(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        return bytes(self._suite.seal(self._key, nonce, aad, plaintext))
+
+    def open(self, nonce: bytes, aad: bytes, ciphertext: bytes) -> bytes:
+        return bytes(self._suite.open(self._key, nonce, aad, ciphertext))
+
+
+class _CachedSession:
+    """
+    A session in the engine's cache, with its AEADs keyed once (on first
+    use): ``cryptography`` sets a key up on every call otherwise.
+    """
+
+    __slots__ = ("_aeads", "session")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._aeads: tuple[Any, Any] | None = None
+
+    def aeads(self, suite: ICipherSuite) -> tuple[Any, Any]:
+        """``(up, down)``: the AEADs with ``k_up`` and ``k_down`` (``seal``, ``open``)."""
+        aeads = self._aeads
+        if aeads is None:
+            session = self.session
+            keyed = getattr(suite, "keyed_aead", None)
+            if keyed is not None:
+                aeads = (keyed(session.k_up), keyed(session.k_down))
+            else:
+                aeads = (_SuiteAead(suite, session.k_up), _SuiteAead(suite, session.k_down))
+            self._aeads = aeads
+        return aeads
+
+
+def _resume(
+    coroutine: Coroutine[Any, Any, bytes | None], waiting: Any
+) -> Generator[Any, Any, bytes | None]:
+    """
+    Hand a coroutine that has already run up to its first real wait (on
+    ``waiting``) to Twisted: what it is sent or thrown goes on to the coroutine.
+    """
+    while True:
+        try:
+            value = yield waiting
+        except BaseException as e:
+            try:
+                waiting = coroutine.throw(e)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                waiting = coroutine.send(value)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
 
 def _decode_outcome(data: bytes) -> tuple[list[ErrorEntry], dict[int, Any]]:
@@ -314,7 +382,18 @@ class ModuleController:
             waiters.append(waiter)
             return waiter
         self._inflight[data] = []
-        result = ensureDeferred(self._process(data, addr))
+        # Run the coroutine at once: with a store whose Deferreds have already
+        # fired (memory), or a datagram decided without the store, it
+        # finishes here, without Twisted's coroutine machinery.
+        coroutine = self._process(data, addr)
+        try:
+            waiting = coroutine.send(None)
+        except StopIteration as done:
+            return succeed(self._finish(done.value, data))
+        except Exception:
+            self._internal_error(Failure(), addr)
+            return succeed(self._finish(None, data))
+        result = Deferred.fromCoroutine(_resume(coroutine, waiting))
         result.addErrback(self._internal_error, addr)
         result.addBoth(self._finish, data)
         return result
@@ -455,7 +534,7 @@ class ModuleController:
         if result is None:
             raise _Drop(DropReason.STALE_TS, module_id)
         self._note_result(result)
-        self._sessions.put(sid, session)
+        self._sessions.put(sid, _CachedSession(session))
         body_bytes = self._reply_body_bytes(base, base_bytes, result, server, suite)
         reply_aad = HelloReply.aad_for(sid)
         sig = None
@@ -572,20 +651,23 @@ class ModuleController:
 
     async def _data(self, data: Data) -> bytes:
         now = int(self._now())
-        session = self._sessions.get_fresh(data.sid)
-        if session is None:
-            session = await self._store.get_session(data.sid)
-            if session is None:
+        cached = self._sessions.get_fresh(data.sid)
+        if cached is None:
+            stored = await self._store.get_session(data.sid)
+            if stored is None:
                 raise _Drop(DropReason.UNKNOWN_SID)
-            self._sessions.put(data.sid, session)
+            cached = _CachedSession(stored)
+            self._sessions.put(data.sid, cached)
+        session = cached.session
         if session.expires_at <= now:
             raise _Drop(DropReason.EXPIRED_SID, session.module_id)
         suite = self._suites.get(session.suite)
         if suite is None:
             raise _Drop(DropReason.UNKNOWN_SUITE, session.module_id)
+        up, down = cached.aeads(suite)
         nonce = keyschedule.nonce_for_ctr(suite, data.ctr)
         try:
-            plaintext = suite.open(session.k_up, nonce, data.aad, data.ct)
+            plaintext = up.open(nonce, data.aad, data.ct)
         except BadTag:
             raise _Drop(DropReason.BAD_TAG) from None
         window = self._policy.replay_window
@@ -610,12 +692,15 @@ class ModuleController:
                 )
         outcome = await self._payload(body.pl, module, session, credential, body.ts, now)
         want_time = outcome.want_time or self._policy.time_in_data_reply
-        base = ReplyBody(
-            ack=body.tok,
-            time=now if want_time else None,
-            err=tuple(outcome.err),
-            res=outcome.res,
-        )
+        if outcome.err or outcome.res:
+            base = ReplyBody(
+                ack=body.tok,
+                time=now if want_time else None,
+                err=tuple(outcome.err),
+                res=outcome.res,
+            )
+        else:  # the usual reply: the tok parse_data_body checked, and the time
+            base = ReplyBody.ack_only(body.tok, now if want_time else None)
         frame = ReplyFrame.data_reply(data.sid, data.ctr, tag_len=suite.tag_len)
         base_bytes = base.encode()
         await self._poll_applications(session.module_id)
@@ -644,12 +729,7 @@ class ModuleController:
             # Only possible when a remembered outcome is larger than the new
             # one; the instructions stay sent and ride in the next reply.
             body_bytes = replace(base, ins=(), more=True).encode()
-        ct = suite.seal(
-            session.k_down,
-            nonce,
-            DataReply.aad_for(data.sid, data.ctr),
-            body_bytes,
-        )
+        ct = down.seal(nonce, DataReply.aad_for(data.sid, data.ctr), body_bytes)
         return DataReply(data.sid, data.ctr, ct).encode()
 
     # -- replies ------------------------------------------------------------------------
@@ -683,7 +763,7 @@ class ModuleController:
         """
         fields = 1 + bool(base.err) + bool(base.res)
         fields += sum(value is not None for value in (base.stok, base.exp, base.time, base.alias))
-        ctr_size = None if frame.ctr is None else len(cbor.encode(frame.ctr))
+        ctr_size = None if frame.ctr is None else len(cbor.head(0, frame.ctr))
         key = (base_size, fields, len(frame.sid), ctr_size, frame.sig_len, frame.tag_len)
         budget = self._budgets.get(key)
         if budget is None:
