@@ -13,7 +13,7 @@ Sections (``etc/m2mgw.conf`` documents every key)::
 
     [gateway]        data_dir, node_name, suites
     [modules]        address, port, max_datagram,         (UDP, MGP/1)
-                     poll_apps_ms
+                     poll_apps_ms, reuse_port, receive_buffer
     [apps]           address, port, key_type, rsa_bits,   (mutual TLS, JSON lines)
                      idle_timeout, max_line, ping_interval,
                      max_unacked, event_poll_interval,
@@ -57,7 +57,7 @@ from m2mgw.apps.policy import (
 from m2mgw.errors import BadParameters, ConfigError
 from m2mgw.interfaces import ICipherSuite, IInstructionSourceFactory, IModuleStoreFactory
 from m2mgw.keys.params import ParameterSet, builtin_set, complete_sets
-from m2mgw.modules.udp import MAX_RECEIVED_DATAGRAM
+from m2mgw.modules.udp import DEFAULT_RECEIVE_BUFFER, MAX_RECEIVED_DATAGRAM
 from m2mgw.tls import TLS_KEY_TYPES, is_valid_app_name
 
 #: The file :func:`load_config` reads when no path is given, if it exists
@@ -90,12 +90,18 @@ class ModuleListenerConfig:
     :ivar poll_apps_ms: when a module wakes with nothing queued, ask its
         connected applications for an instruction and wait this many
         milliseconds for one before replying (0: never ask).
+    :ivar reuse_port: bind with ``SO_REUSEPORT``, so that several gateway
+        processes on one host share the port.
+    :ivar receive_buffer: the socket's receive buffer (``SO_RCVBUF``) in
+        bytes; 0 keeps the system's default.
     """
 
     address: str = ""
     port: int = 5740
     max_datagram: int = 1232
     poll_apps_ms: int = 0
+    reuse_port: bool = False
+    receive_buffer: int = DEFAULT_RECEIVE_BUFFER
 
 
 @dataclass(frozen=True)
@@ -465,6 +471,8 @@ _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "port": _parse_port,
         "max_datagram": _parse_int(256, MAX_RECEIVED_DATAGRAM),
         "poll_apps_ms": _parse_int(0, 5000),
+        "reuse_port": _parse_bool,
+        "receive_buffer": _parse_int(0, 1 << 30),
     },
     "apps": {
         "address": _parse_address,

@@ -562,9 +562,12 @@ class IModuleStore(Interface):
         """
         Call ``listener`` (in the reactor thread) after every committed
         transaction of this store object that appended application events,
-        with the applications that got them.  Events other processes append
-        are not seen: readers that need them poll :meth:`events_after`.  A
-        listener that raises is logged and the others are still called.
+        with the applications that got them.  A store shared between
+        processes may also report other processes' appends (the postgres
+        store does, through ``NOTIFY``); a store that does not leaves readers
+        to poll :meth:`events_after` for those.  A listener may be called more
+        than once for one append.  A listener that raises is logged and the
+        others are still called.
         """
 
     def remove_event_listener(listener: Callable[[frozenset[str]], object]) -> None:

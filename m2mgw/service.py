@@ -42,7 +42,7 @@ from m2mgw.apps.listener import AppFactory
 from m2mgw.datadir import register_server_keys
 from m2mgw.errors import M2MGWError
 from m2mgw.interfaces import IInstructionSink, IInstructionSource, IModuleStore
-from m2mgw.modules.udp import ModuleDatagramProtocol
+from m2mgw.modules.udp import ModuleDatagramProtocol, listen_module_udp, receive_buffer_size
 from m2mgw.records import Instruction, NewInstruction, ServerKey
 
 
@@ -300,13 +300,22 @@ class ModuleListenerService(_ListenerMixin, UDPServer):
     description = "modules (UDP)"
 
     def __init__(
-        self, port: int, protocol: ModuleDatagramProtocol, interface: str, reactor: Any
+        self,
+        port: int,
+        protocol: ModuleDatagramProtocol,
+        interface: str,
+        reactor: Any,
+        *,
+        reuse_port: bool = False,
+        receive_buffer: int = 0,
     ) -> None:
         """
         :param port: the UDP port (0: any free port).
         :param protocol: the datagram protocol.
         :param interface: the address to bind (``""``: every interface).
-        :param reactor: an ``IReactorUDP``.
+        :param reactor: an ``IReactorUDP`` (and ``IReactorSocket`` with ``reuse_port``).
+        :param reuse_port: bind with ``SO_REUSEPORT`` (several nodes on one host).
+        :param receive_buffer: ``SO_RCVBUF`` in bytes (0: the system's default).
         """
         super().__init__(
             port,
@@ -317,6 +326,35 @@ class ModuleListenerService(_ListenerMixin, UDPServer):
         )
         self.setName("modules")
         self.protocol = protocol
+        self.reuse_port = reuse_port
+        self.receive_buffer = receive_buffer
+
+    def _getPort(self) -> IListeningPort:
+        """Bind with the configured socket options (:func:`listen_module_udp`)."""
+        port, protocol = self.args
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        listening = listen_module_udp(
+            reactor,
+            port,
+            protocol,
+            self.kwargs["interface"],
+            self.kwargs["maxPacketSize"],
+            reuse_port=self.reuse_port,
+            receive_buffer=self.receive_buffer,
+        )
+        size = receive_buffer_size(listening)
+        if size is not None:
+            self.log.info(
+                "module socket: receive buffer {size} bytes as the kernel counts it"
+                " (asked for {asked}{capped}){shared}",
+                size=size,
+                asked=self.receive_buffer or "the system default",
+                capped="; capped by net.core.rmem_max" if 0 < size < self.receive_buffer else "",
+                shared=", port shared (SO_REUSEPORT)" if self.reuse_port else "",
+            )
+        return listening
 
     def privilegedStartService(self) -> None:
         """

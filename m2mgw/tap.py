@@ -347,7 +347,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     protocol = ModuleDatagramProtocol(controller, max_reply=config.modules.max_datagram)
     ModuleListenerService(
-        config.modules.port, protocol, config.modules.address, reactor
+        config.modules.port,
+        protocol,
+        config.modules.address,
+        reactor,
+        reuse_port=config.modules.reuse_port,
+        receive_buffer=config.modules.receive_buffer,
     ).setServiceParent(root)
 
     apps = _application_listener(config, store, app_source, hub, poll, reactor)

@@ -191,7 +191,8 @@ ERRORS = [
     ("[empty]\n", r"unknown section \[empty\]"),
     (
         "[modules]\nprot = 1\n",
-        r"unknown key 'prot' in \[modules\] \(known: address, max_datagram, poll_apps_ms, port\)",
+        r"unknown key 'prot' in \[modules\] \(known: address, max_datagram, poll_apps_ms, port,"
+        r" receive_buffer, reuse_port\)",
     ),
     ("[modules]\nport = abc\n", r"\[modules\] port = 'abc': not a port number"),
     ("[modules]\nport = 65536\n", r"\[modules\] port = '65536': not a port number"),
@@ -226,12 +227,12 @@ ERRORS = [
         r"\[protocol\] default_suite: 'p384' is not one of",
     ),
     (
-        "[store]\nbackend = postgres\n",
-        r"\[store\] backend: unknown store 'postgres' \(known: memory, sqlite\)",
+        "[store]\nbackend = oracle\n",
+        r"\[store\] backend: unknown store 'oracle' \(known: memory, postgres, sqlite\)",
     ),
     (
-        "[store.postgres]\n",
-        r"\[store.postgres\]: unknown store 'postgres' \(known: memory, sqlite\)",
+        "[store.oracle]\n",
+        r"\[store.oracle\]: unknown store 'oracle' \(known: memory, postgres, sqlite\)",
     ),
     (
         "[store.sqlite]\npaht = x\n",

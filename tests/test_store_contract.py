@@ -4,7 +4,9 @@ The :class:`~m2mgw.interfaces.IModuleStore` contract, run against every store pl
 Each store is built by its plugin with default options in a temporary data
 directory.  A plugin that declares an ``external_service`` runs only when
 ``M2MGW_TEST_STORE_<NAME>`` holds its options as a JSON object, and is skipped
-otherwise; every other plugin must run here.
+otherwise; every other plugin must run here.  The postgres store gets a fresh
+database from ``tests/pgharness.py`` (which honours
+``M2MGW_TEST_STORE_POSTGRES`` first).
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ NOW = 1_700_000_000
 STORE_PLUGINS = all_plugins(IModuleStoreFactory)
 
 
-def store_options(plugin: Any) -> dict[str, str]:
+def store_options(plugin: Any, request: pytest.FixtureRequest) -> dict[str, str]:
     """The options a plugin is tested with; skips one whose service is not configured."""
     if getattr(plugin, "external_service", None) is None:
         return {}
+    if plugin.name == "postgres":
+        # tests/pgharness.py: the configured server, or a throwaway cluster.
+        return {"dsn": request.getfixturevalue("postgres_dsn")}
     variable = f"M2MGW_TEST_STORE_{plugin.name.upper()}"
     text = os.environ.get(variable)
     if not text:
@@ -76,11 +81,11 @@ def plugin_fixture(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(name="store")
-def store_fixture(plugin: Any, tmp_path: Path) -> Iterator[Any]:
+def store_fixture(plugin: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """An opened, empty store of each plugin, closed after the test."""
     from twisted.internet import reactor
 
-    store = plugin.create(store_options(plugin), str(tmp_path), reactor)
+    store = plugin.create(store_options(plugin, request), str(tmp_path), reactor)
     pytest_twisted.blockon(store.open())
     yield store
     pytest_twisted.blockon(store.close())

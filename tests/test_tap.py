@@ -95,7 +95,7 @@ def test_options_override_the_file(workdir: Path) -> None:
         (["--module-port", "abc"], "command line: [modules] port = 'abc': not a port number"),
         (["--app-port", "70000"], "command line: [apps] port = '70000': not a port number"),
         (["--module-address", "localhost"], "command line: [modules] address = 'localhost'"),
-        (["--store", "oracle"], "unknown store 'oracle' (known: memory, sqlite)"),
+        (["--store", "oracle"], "unknown store 'oracle' (known: memory, postgres, sqlite)"),
         (["-c", "missing.conf"], "cannot read config file missing.conf: No such file"),
         (["--colour", "red"], "option --colour not recognized"),
     ],

@@ -207,7 +207,8 @@ def test_unknown_store_lists_the_known_ones(workdir: Path) -> None:
         result.stdout.strip()
         .splitlines()[-1]
         .endswith(
-            "command line: [store] backend: unknown store 'cassandra' (known: memory, sqlite)"
+            "command line: [store] backend: unknown store 'cassandra'"
+            " (known: memory, postgres, sqlite)"
         )
     )
 

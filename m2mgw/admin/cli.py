@@ -16,12 +16,15 @@ on a reactor that is already running, which is how the tests call it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import os
+import pathlib
 import re
 import secrets
 import shutil
+import sqlite3
 import sys
 import time
 import traceback
@@ -76,6 +79,10 @@ from m2mgw.records import (
     ServerKey,
 )
 from m2mgw.registry import lookup
+from m2mgw.store import postgres as postgres_store
+from m2mgw.store import sqlite as sqlite_store
+from m2mgw.store.postgres import PostgresStore
+from m2mgw.store.sqlite import SQLiteStore
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -384,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="epoch seconds, an ISO 8601 time, or an age such as 90m, 12h, 7d",
     )
     sub.add_argument("--limit", type=positive_int, default=1000, help="at most (default 1000)")
+
+    db = commands.add_parser("db", help="the module database's schema")
+    db_commands = db.add_subparsers(metavar="ACTION", required=True)
+    command(
+        db_commands,
+        "status",
+        cmd_db_status,
+        "the store, its schema level shipped and in the database, and pending migrations",
+    )
+    command(db_commands, "migrate", cmd_db_migrate, "apply the pending schema migrations")
     return parser
 
 
@@ -1467,4 +1484,76 @@ async def cmd_security_events(ctx: Context) -> None:
     ctx.emit(
         {"since": since, "events": [out.security_event_json(e) for e in events]},
         out.format_table(headers, rows) if rows else ["no security events"],
+    )
+
+
+# -- db ------------------------------------------------------------------------------------
+
+
+async def _schema_state(ctx: Context) -> tuple[str, list[str], int, Any]:
+    """
+    ``(store name, shipped migrations as NNNN_name, level in the database,
+    the unopened store)`` of the configured store, read without migrating.
+    """
+    backend = ctx.config.store.backend
+    factory = lookup(IModuleStoreFactory, backend)
+    store = factory.create(ctx.config.store.options, ctx.config.data_dir, ctx.reactor)
+    if isinstance(store, PostgresStore):
+        shipped = [f"{m.version:04d}_{m.name}" for m in postgres_store.shipped_migrations()]
+        return backend, shipped, await store.database_level(), store
+    if isinstance(store, SQLiteStore):
+        shipped = [f"{m.version:04d}_{m.name}" for m in sqlite_store.shipped_migrations()]
+        level = 0
+        if os.path.exists(store.path):
+            uri = pathlib.Path(store.path).resolve().as_uri() + "?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+                level = sqlite_store.schema_level(connection)
+        return backend, shipped, level, store
+    raise OperatorError(f"the {backend!r} store has no schema migrations")
+
+
+async def cmd_db_status(ctx: Context) -> None:
+    """``db status``: the store, the schema level shipped and in the database, what is pending."""
+    backend, shipped, level, _ = await _schema_state(ctx)
+    pending = shipped[level:]
+    document = {
+        "store": backend,
+        "shipped_level": len(shipped),
+        "database_level": level,
+        "pending": pending,
+    }
+    lines = [
+        f"store {backend}",
+        f"schema level shipped {len(shipped)}, in the database {level}",
+    ]
+    if level > len(shipped):
+        lines.append("the database is newer than this m2mgw: upgrade m2mgw")
+    elif pending:
+        lines.append(f"pending migrations: {', '.join(pending)} (m2mgw-admin db migrate)")
+    else:
+        lines.append("up to date")
+    ctx.emit(document, lines)
+
+
+async def cmd_db_migrate(ctx: Context) -> None:
+    """``db migrate``: apply the pending schema migrations (safe while gateways run)."""
+    backend, shipped, before, store = await _schema_state(ctx)
+    if isinstance(store, PostgresStore):
+        after = await store.migrate()
+    else:
+        await store.open()
+        try:
+            after = await store.schema_version()
+        finally:
+            await store.close()
+    applied = shipped[before:after]
+    if applied:
+        await ctx.audit("db-migrate", detail=f"{backend} schema {before} -> {after}")
+    ctx.emit(
+        {"store": backend, "from_level": before, "to_level": after, "applied": applied},
+        [
+            f"store {backend}: schema level {before} -> {after}, applied {', '.join(applied)}"
+            if applied
+            else f"store {backend}: schema level {after}, nothing to apply"
+        ],
     )

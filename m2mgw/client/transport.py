@@ -18,6 +18,15 @@ what came back or that the wait ran out.  For one logical message:
    registered) and the DataBody again in the new session;
 5. then give up: the DataBody stays in the outbox for the next wake-up.
 
+With several gateway addresses (nodes sharing one database), an exchange
+starts at the address that answered last (the transports remember it), so
+that once a node is down only the first message after its failure pays the
+timeouts.  A new ``ctr`` rather than the same bytes goes to the next address:
+the same bytes would be answered there only if the first node never
+accepted them -- if it did, and died before replying, the next node has no
+cached reply and its replay check keeps it silent -- while the same DataBody
+under a new ``ctr`` is answered in both cases and applied once (its ``tok``).
+
 A session about to expire is renewed with a HELLO first.  Each datagram may
 go out in up to 3 back-to-back copies (forward error correction, MGP/1 §1).
 The state is saved (``save``) after every change and before the datagram
@@ -179,6 +188,7 @@ class ExchangeOutcome:
     :ivar hellos: HELLOs built.
     :ivar dropped: received datagrams the endpoint dropped.
     :ivar elapsed: seconds from the first send to the end (set by the transport).
+    :ivar address: the number of the gateway address that last answered, if any.
     """
 
     ok: bool
@@ -188,6 +198,7 @@ class ExchangeOutcome:
     hellos: int = 0
     dropped: int = 0
     elapsed: float = 0.0
+    address: int | None = None
 
     @property
     def last(self) -> ReplyOutcome | None:
@@ -242,21 +253,27 @@ class Exchange:
         self._dropped = 0
         self._awaiting_hello = False
         self._target_tok: bytes | None = None
+        self._answered_by: int | None = None
         self.finished: ExchangeOutcome | None = None
 
     # -- driving ------------------------------------------------------------------------
 
-    def start(self, policy: RetryPolicy | None = None, addresses: int = 1) -> Step:
+    def start(
+        self, policy: RetryPolicy | None = None, addresses: int = 1, first_address: int = 0
+    ) -> Step:
         """
         Begin: the first datagram to send (or the end, if nothing can be sent).
 
         :param policy: the transport's retry policy.
         :param addresses: how many gateway addresses the transport knows.
+        :param first_address: the number of the address to try first (the
+            one that answered last).
         """
         if self._flow is not None:
             raise RuntimeError("the exchange has started already")
         self._policy = policy or RetryPolicy()
         self._addresses = max(1, addresses)
+        self._address = first_address % self._addresses
         self._flow = self._run()
         return self._step(None, first=True)
 
@@ -273,6 +290,7 @@ class Exchange:
             self._dropped += 1
             return None
         self._replies.append(outcome)
+        self._answered_by = self._address
         self._persist()
         relevant = self._awaiting_hello if outcome.kind == "hello" else self._data_answered()
         if not relevant:
@@ -296,6 +314,7 @@ class Exchange:
             sent=self._sent,
             hellos=self._hellos,
             dropped=self._dropped,
+            address=self._answered_by,
         )
 
     def _data_answered(self) -> bool:
@@ -709,6 +728,8 @@ class BlockingTransport:
             family, _, _, _, sockaddr = infos[0]
             self._targets.append((family, sockaddr))
         self._sockets: dict[int, socket.socket] = {}
+        #: The number of the address the next exchange starts at: the last that answered.
+        self.address = 0
 
     def __enter__(self) -> BlockingTransport:
         return self
@@ -737,7 +758,7 @@ class BlockingTransport:
             (nothing depending on it was sent).
         """
         started = self._monotonic()
-        step: Step | None = exchange.start(self.policy, len(self._targets))
+        step: Step | None = exchange.start(self.policy, len(self._targets), self.address)
         while isinstance(step, Send):
             family, sockaddr = self._targets[step.address]
             sock = self._socket(family)
@@ -753,6 +774,8 @@ class BlockingTransport:
                     break
                 step = self._receive(exchange, remaining)
         assert isinstance(step, Finished)
+        if step.outcome.address is not None:
+            self.address = step.outcome.address
         return replace(step.outcome, elapsed=self._monotonic() - started)
 
     def _receive(self, exchange: Exchange, remaining: float) -> Step | None:
@@ -804,6 +827,8 @@ class TwistedTransport(DatagramProtocol):
         self._done: Deferred[ExchangeOutcome] | None = None
         self._timer: IDelayedCall | None = None
         self._started = 0.0
+        #: The number of the address the next exchange starts at: the last that answered.
+        self.address = 0
 
     def run(self, exchange: Exchange) -> Deferred[ExchangeOutcome]:
         """
@@ -820,7 +845,7 @@ class TwistedTransport(DatagramProtocol):
         self._exchange, self._done = exchange, done
         self._started = self.clock.seconds()
         try:
-            step = exchange.start(self.policy, len(self.server_addrs))
+            step = exchange.start(self.policy, len(self.server_addrs), self.address)
         except BaseException:
             self._exchange = self._done = None
             raise
@@ -837,15 +862,19 @@ class TwistedTransport(DatagramProtocol):
             done = self._done
             self._exchange = self._done = None
             outcome = replace(step.outcome, elapsed=self.clock.seconds() - self._started)
+            if outcome.address is not None:
+                self.address = outcome.address
             if done is not None:
                 done.callback(outcome)
             return
         assert self.transport is not None
         address = self.server_addrs[step.address]
+        # The wait first: an answer may come back before write() returns (a
+        # test double) and must find the timer to cancel.
+        self._timer = self.clock.callLater(step.timeout, self._timed_out)
         for datagram in step.datagrams:
             with suppress(OSError):  # lost, as far as the policy is concerned
                 self.transport.write(datagram, address)
-        self._timer = self.clock.callLater(step.timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._timer = None

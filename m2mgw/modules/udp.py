@@ -7,14 +7,27 @@ larger than MGP/1 allows, hands every other one with its source address to a
 if any, back to exactly the address the datagram came from, through the socket
 it arrived on (MGP/1 §1).  Whatever goes wrong with one datagram is counted,
 logged and contained: it never stops the listener or affects another datagram.
+
+:func:`listen_module_udp` binds the listener's socket: with ``SO_REUSEPORT``
+(several gateway processes on one host sharing the port, the kernel spreading
+modules across them by source address) Twisted's ``listenUDP`` cannot be
+used, so the socket is made, bound and handed to the reactor here
+(``adoptDatagramPort``).  Either way it gets the configured receive buffer,
+since a burst of wake-ups larger than the buffer is dropped by the kernel
+unseen.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +37,9 @@ MAX_RECEIVED_DATAGRAM = 1472
 
 #: The largest datagram the gateway sends unless configured otherwise (MGP/1 §1).
 DEFAULT_MAX_REPLY = 1232
+
+#: The receive buffer asked for unless configured otherwise, in bytes (``SO_RCVBUF``).
+DEFAULT_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 class DatagramHandler(Protocol):
@@ -190,3 +206,92 @@ class ModuleDatagramProtocol(DatagramProtocol):
         if not pending:
             return succeed(None)
         return DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
+
+
+def listen_module_udp(
+    reactor: Any,
+    port: int,
+    protocol: DatagramProtocol,
+    interface: str = "",
+    max_packet_size: int = MAX_RECEIVED_DATAGRAM + 1,
+    *,
+    reuse_port: bool = False,
+    receive_buffer: int = 0,
+) -> IListeningPort:
+    """
+    Bind the module listener's UDP socket and start ``protocol`` on it.
+
+    :param reactor: an ``IReactorUDP`` (and, with ``reuse_port``, an ``IReactorSocket``).
+    :param port: the UDP port (0: any free port).
+    :param interface: the IP address literal to bind (``""``: every IPv4 interface).
+    :param max_packet_size: the largest datagram read.
+    :param reuse_port: set ``SO_REUSEPORT`` before binding, so that other
+        processes (of the same user) may bind the same port and the kernel
+        spreads the datagrams across them, by source address.
+    :param receive_buffer: ``SO_RCVBUF`` in bytes (0: the system's default).
+        The kernel caps it at ``net.core.rmem_max`` (and Linux reports twice
+        the value set); see :func:`receive_buffer_size` for what it got.
+    :return: the listening port.
+    :raise CannotListenError: the address cannot be bound, or the system has
+        no ``SO_REUSEPORT``.
+    """
+    if not reuse_port:
+        listening: IListeningPort = reactor.listenUDP(
+            port, protocol, interface=interface, maxPacketSize=max_packet_size
+        )
+        handle = _socket_of(listening)
+        if receive_buffer > 0 and handle is not None:
+            _set_receive_buffer(handle, receive_buffer)
+        return listening
+    option = getattr(socket, "SO_REUSEPORT", None)
+    if option is None:
+        raise CannotListenError(
+            interface, port, OSError("SO_REUSEPORT is not available on this system")
+        )
+    family = (
+        socket.AF_INET6
+        if interface and ipaddress.ip_address(interface).version == 6
+        else socket.AF_INET
+    )
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+            if receive_buffer > 0:
+                _set_receive_buffer(sock, receive_buffer)
+            sock.bind((interface or "0.0.0.0", port))  # noqa: S104 - "" means every interface
+        except OSError as e:
+            raise CannotListenError(interface, port, e) from e
+        sock.setblocking(False)
+        # The reactor duplicates the descriptor; ours is closed below.
+        adopted: IListeningPort = reactor.adoptDatagramPort(
+            sock.fileno(), family, protocol, max_packet_size
+        )
+        return adopted
+    finally:
+        sock.close()
+
+
+def receive_buffer_size(listening: IListeningPort) -> int | None:
+    """
+    The receive buffer the kernel gave ``listening`` (``SO_RCVBUF``, in bytes;
+    Linux counts its bookkeeping too, reporting twice the value set), or
+    ``None`` for a port without a socket (a test double).
+    """
+    handle = _socket_of(listening)
+    if handle is None:
+        return None
+    size: int = handle.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return size
+
+
+def _socket_of(listening: IListeningPort) -> socket.socket | None:
+    get_handle = getattr(listening, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    return handle if isinstance(handle, socket.socket) else None
+
+
+def _set_receive_buffer(sock: socket.socket, size: int) -> None:
+    """Ask for ``size`` bytes of receive buffer; the kernel silently caps it."""
+    with suppress(OSError):  # the system default stays; receive_buffer_size() tells
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
