@@ -19,6 +19,13 @@ commit: sequence numbers are gapless and committed in order.  A batch that
 fails with a serialization failure or a deadlock (SQLSTATE 40001, 40P01) is
 retried as a whole a few times, then one operation per transaction.
 
+A batch that holds DATA runs in pipeline mode instead (option ``pipeline``):
+one round trip locks, in the same order, and reads ahead the rows its DATA
+will read (:class:`Prefetch`), the operations run on them sending their
+writes without waiting, and ``COMMIT`` is the second round trip.  It has no
+savepoints: if anything in it fails, it is rolled back and run again the way
+above (:meth:`DatabaseThread._attempt_pipelined`).
+
 A transaction that appended events also sends ``NOTIFY m2mgw_events`` (the
 applications, as JSON); a listening connection of every store with event
 listeners hears the other nodes' appends and tells its listeners (see
@@ -45,7 +52,7 @@ import select
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -57,13 +64,17 @@ from zope.interface import implementer
 from m2mgw.errors import ConfigError, DuplicateModule, KeyConflict, M2MGWError, StoreError
 from m2mgw.interfaces import IModuleStore, IModuleStoreFactory
 from m2mgw.records import (
+    DataCommit,
     Event,
+    ExchangeResult,
+    HelloCommit,
     Instruction,
     InstructionState,
     KeyStatus,
     Module,
     ModuleKey,
     ModuleStatus,
+    PayloadEffects,
     Report,
     RotationQuery,
     SecurityEvent,
@@ -289,6 +300,167 @@ _LOCK_SESSION_MODULE = """
 """
 
 
+#: The pending instructions read ahead per module.
+PREFETCH_PENDING = 64
+#: The states :meth:`PostgresTables.pending_instructions` returns.
+_PENDING = frozenset({InstructionState.QUEUED, InstructionState.WAITING, InstructionState.SENT})
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """
+    What an operation on the per-datagram path will read: the rows
+    :meth:`PostgresTables.prefetch` locks and reads ahead for it.
+
+    :ivar sid: the session the operation reads (with its module's rows).
+    :ivar tok: the DATA ``tok`` it looks up (empty: none).
+    :ivar apps: applications it appends events to by name.
+    :ivar events: it likely appends events of its module: lock the
+        module's applications' outbox rows ahead.
+    :ivar module_id: a module whose rows it reads, named (a HELLO's).
+    """
+
+    sid: bytes
+    tok: bytes = b""
+    apps: tuple[str, ...] = ()
+    events: bool = False
+    module_id: str | None = None
+
+
+class _Prefetched:
+    """
+    Rows a pipelined transaction locked (``FOR UPDATE``, module rows first)
+    and read ahead, kept equal to what the database holds for the
+    transaction as its own writes change them.  A row not held is read.
+    """
+
+    def __init__(self) -> None:
+        self.modules: dict[str, Module | None] = {}
+        #: Each module's ``tokens_seen`` (the next token slot).
+        self.tokens_seen: dict[str, int] = {}
+        self.sessions: dict[bytes, Session | None] = {}
+        #: ``(module_id, tok)``: ``(outcome, slot)``, or ``None`` if not remembered.
+        self.tokens: dict[tuple[str, bytes], tuple[bytes, int] | None] = {}
+        #: The first pending instructions of a module, ``iid`` ascending, and
+        #: whether they are all of them.
+        self.pending: dict[str, tuple[list[Instruction], bool]] = {}
+        self.apps: dict[str, list[str]] = {}
+        #: ``last_seq`` of the ``app_outbox`` rows this transaction locked.
+        self.outbox: dict[str, int] = {}
+        #: The applications whose ``last_seq`` went up here but is not written yet.
+        self.outbox_unwritten: set[str] = set()
+
+    def delete_sessions_of(self, module_id: str, kid: int | None) -> None:
+        """The module's sessions (opened with key ``kid``, if given) were deleted."""
+        for sid, session in list(self.sessions.items()):
+            if session is None or session.module_id != module_id:
+                continue
+            if kid is None or session.kid == kid:
+                self.sessions[sid] = None
+
+    def set_window(self, sid: bytes, highest: int, bits: int) -> None:
+        """A session's replay window was written."""
+        session = self.sessions.get(sid)
+        if session is not None:
+            self.sessions[sid] = replace(session, highest_ctr=highest, window=bits)
+
+    def remember_token(self, module_id: str, tok: bytes, outcome: bytes, keep: int) -> None:
+        """``tok`` took the module's next slot, forgetting the one that held it."""
+        seen = self.tokens_seen.get(module_id)
+        if seen is None:
+            for key in [key for key in self.tokens if key[0] == module_id]:
+                del self.tokens[key]
+            return
+        slot = seen % keep
+        self.tokens_seen[module_id] = seen + 1
+        for key, found in self.tokens.items():
+            if key[0] == module_id and found is not None and found[1] == slot:
+                self.tokens[key] = None  # overwritten
+        self.tokens[module_id, tok] = (outcome, slot)
+
+    def update_instruction(self, instruction: Instruction) -> None:
+        """An instruction's new fields were written."""
+        entry = self.pending.get(instruction.module_id)
+        if entry is None:
+            return
+        items = entry[0]
+        for index, old in enumerate(items):
+            if old.iid == instruction.iid:
+                if instruction.state in _PENDING:
+                    items[index] = instruction
+                else:
+                    del items[index]
+                return
+        if instruction.state in _PENDING:
+            del self.pending[instruction.module_id]
+
+    def pending_page(self, module_id: str, after_iid: int, limit: int) -> list[Instruction] | None:
+        """:meth:`PostgresTables.pending_instructions` if the rows held answer it, else ``None``."""
+        entry = self.pending.get(module_id)
+        if entry is None:
+            return None
+        rest = [instruction for instruction in entry[0] if instruction.iid > after_iid]
+        if len(rest) >= limit:
+            return rest[:limit]
+        return rest if entry[1] else None
+
+    def pending_in(
+        self, module_id: str, states: Sequence[InstructionState], limit: int
+    ) -> list[Instruction] | None:
+        """A module's pending instructions in ``states`` if all are held, else ``None``."""
+        entry = self.pending.get(module_id)
+        if entry is None or not entry[1] or not set(states) <= _PENDING:
+            return None
+        return [i for i in entry[0] if i.state in states][:limit]
+
+
+_PREFETCH_MODULES = """
+    SELECT module_id, status, psk, psk_reusable, module_group, last_hello_ts, created_at,
+        tokens_seen
+    FROM modules
+    WHERE module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
+        UNION SELECT unnest(%(modules)s::TEXT[]))
+    ORDER BY module_id FOR UPDATE"""
+_PREFETCH_SESSIONS = """
+    SELECT s.sid, s.module_id, s.kid, s.suite, s.skid, s.k_up, s.k_down, s.created_at,
+        s.expires_at, s.highest_ctr, s."window"
+    FROM sessions AS s WHERE s.sid = ANY(%(sids)s) ORDER BY s.sid FOR UPDATE"""
+_PREFETCH_TOKENS = """
+    SELECT t.module_id, t.tok, t.outcome, t.slot
+    FROM unnest(%(token_sids)s::BYTEA[], %(toks)s::BYTEA[]) AS q (sid, tok)
+    JOIN sessions AS s ON s.sid = q.sid
+    JOIN data_tokens AS t ON t.module_id = s.module_id AND t.tok = q.tok"""
+_PREFETCH_PENDING = """
+    SELECT m.module_id, p.*
+    FROM (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
+        UNION SELECT unnest(%(modules)s::TEXT[])) AS m
+    LEFT JOIN LATERAL (
+        SELECT i.module_id, i.iid, i.kind, i.body, i.wire_size, i.state, i.not_after,
+            i.attempts, i.source, i.idempotency_key, i.created_at, i.updated_at, i.exec_ts,
+            i.status, i.result
+        FROM instructions AS i
+        WHERE i.module_id = m.module_id AND i.state IN ('queued', 'waiting', 'sent')
+        ORDER BY i.iid LIMIT %(pending)s FOR UPDATE) AS p ON true"""
+_PREFETCH_APPS = """
+    SELECT m.module_id, a.app
+    FROM (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
+        UNION SELECT unnest(%(modules)s::TEXT[])) AS m
+    LEFT JOIN module_apps AS a ON a.module_id = m.module_id
+    ORDER BY m.module_id, a.app"""
+_PREFETCH_OUTBOX = """
+    SELECT app, last_seq FROM app_outbox
+    WHERE app IN (
+        SELECT a.app FROM module_apps AS a
+        WHERE a.module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(event_sids)s)
+                UNION SELECT unnest(%(event_modules)s::TEXT[]))
+            OR (a.module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
+                    UNION SELECT unnest(%(modules)s::TEXT[]))
+                AND EXISTS (SELECT 1 FROM instructions AS i
+                    WHERE i.module_id = a.module_id AND i.state IN ('queued', 'waiting')))
+        UNION SELECT unnest(%(apps)s::TEXT[]))
+    ORDER BY app FOR UPDATE"""
+
+
 class PostgresTables(Tables):
     """
     :class:`~m2mgw.store.tables.Tables` over one PostgreSQL connection, inside its transaction.
@@ -296,7 +468,8 @@ class PostgresTables(Tables):
     :ivar locking: the transaction may change what it reads: reads lock the
         rows they return (``FOR UPDATE``), a module's own rows after the
         module's row.
-    :ivar round_trips: statements sent to the server so far.
+    :ivar round_trips: times it waited for the server: each statement
+        outside pipeline mode, each sync in it.
     """
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
@@ -305,6 +478,121 @@ class PostgresTables(Tables):
         self.round_trips = 0
         #: The applications given sequence numbers by the operation running.
         self.apps_appended: set[str] = set()
+        #: In pipeline mode (see :meth:`pipelined`): the pipeline, and the
+        #: rows the transaction locked and read ahead.
+        self._pipeline: psycopg.Pipeline | None = None
+        self._cache: _Prefetched | None = None
+
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """
+        Within the block, statements whose result is not needed (writes) are
+        sent without waiting; a read, :meth:`sync` and the block's end (a
+        sync) wait for the server (one round trip each).  A failed statement
+        is only seen at the next wait, and then fails the whole transaction.
+        Reads are served from what :meth:`prefetch` read ahead, where it can.
+        """
+        with self._db.pipeline() as pipeline:
+            self._pipeline = pipeline
+            self._cache = _Prefetched()
+            try:
+                yield
+            finally:
+                self._pipeline = None
+                self._cache = None
+                self.round_trips += 1  # leaving the pipeline syncs
+
+    def prefetch(self, hints: Sequence[Prefetch]) -> None:
+        """
+        In pipeline mode, lock and read ahead, in one round trip, the rows
+        the operations ``hints`` describe will read: the modules of their
+        sessions (by identity: the order every transaction locks modules
+        in), then the sessions, the DATA tokens, the first pending
+        instructions, the modules' applications and, for operations that
+        likely append events, their outbox rows (by name).  Rows whose
+        module was not locked (the session changed meanwhile) are not kept.
+        """
+        assert self._pipeline is not None and self._cache is not None
+        sids = sorted({hint.sid for hint in hints})
+        pairs = sorted({(hint.sid, hint.tok) for hint in hints if hint.tok})
+        parameters = {
+            "sids": sids,
+            "modules": sorted({hint.module_id for hint in hints if hint.module_id is not None}),
+            "token_sids": [pair[0] for pair in pairs],
+            "toks": [pair[1] for pair in pairs],
+            "pending": PREFETCH_PENDING,
+            "event_sids": sorted({hint.sid for hint in hints if hint.events}),
+            "event_modules": sorted(
+                {hint.module_id for hint in hints if hint.events and hint.module_id is not None}
+            ),
+            "apps": sorted({app for hint in hints for app in hint.apps}),
+        }
+        db = self._db
+        modules = db.execute(_PREFETCH_MODULES, parameters)
+        sessions = db.execute(_PREFETCH_SESSIONS, parameters)
+        tokens = db.execute(_PREFETCH_TOKENS, parameters)
+        pending = db.execute(_PREFETCH_PENDING, parameters)
+        module_apps = db.execute(_PREFETCH_APPS, parameters)
+        outbox = db.execute(_PREFETCH_OUTBOX, parameters)
+        self.sync()
+        cache = self._cache
+        for row in modules.fetchall():
+            cache.modules[row[0]] = _module(row[:7])
+            cache.tokens_seen[row[0]] = int(row[7])
+        read = {session.sid: session for session in map(_session, sessions.fetchall())}
+        found = {sid: s for sid, s in read.items() if s.module_id in cache.modules}
+        for sid in sids:
+            if sid in found:
+                cache.sessions[sid] = found[sid]
+            elif sid not in read:
+                cache.sessions[sid] = None  # there is no such session
+        remembered = {
+            (row[0], _bytes(row[1])): (_bytes(row[2]), int(row[3])) for row in tokens.fetchall()
+        }
+        for sid, tok in pairs:
+            session = found.get(sid)
+            if session is not None:
+                key = (session.module_id, tok)
+                cache.tokens[key] = remembered.get(key)
+        for row in pending.fetchall():
+            if row[0] not in cache.modules:
+                continue
+            items, _ = cache.pending.setdefault(row[0], ([], True))
+            if row[1] is not None:
+                items.append(_instruction(row[1:]))
+        for module_id, (items, _) in list(cache.pending.items()):
+            items.sort(key=lambda instruction: instruction.iid)
+            cache.pending[module_id] = (items, len(items) < PREFETCH_PENDING)
+        for module_id, app in module_apps.fetchall():
+            if module_id in cache.modules:
+                names = cache.apps.setdefault(module_id, [])
+                if app is not None:
+                    names.append(app)
+        for app, last_seq in outbox.fetchall():
+            cache.outbox[app] = int(last_seq)
+
+    def write_outbox(self) -> None:
+        """In pipeline mode, write the event counters counted on since the last time."""
+        cache = self._cache
+        if cache is not None and cache.outbox_unwritten:
+            for app in sorted(cache.outbox_unwritten):
+                self.send(
+                    "UPDATE app_outbox SET last_seq = %s WHERE app = %s", (cache.outbox[app], app)
+                )
+            cache.outbox_unwritten.clear()
+
+    def sync(self) -> None:
+        """In pipeline mode, wait until the server has run every statement sent."""
+        if self._pipeline is not None:
+            self.round_trips += 1
+            self._pipeline.sync()
+
+    def send(self, sql: str, parameters: Sequence[Any] = ()) -> None:
+        """A statement whose result is not needed: in pipeline mode, not waited for."""
+        if self._pipeline is not None:
+            self._db.execute(sql, parameters)
+        else:
+            self._cursor(sql, parameters)
 
     def schema_level(self) -> int:
         """The schema migration level of the database."""
@@ -313,10 +601,15 @@ class PostgresTables(Tables):
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run one SQL statement of a tool's or a test's own; return its rows (if any)."""
+        self.write_outbox()
         cursor = self._cursor(sql, parameters)
         return cursor.fetchall() if cursor.description is not None else []
 
     def _cursor(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> Any:
+        if self._pipeline is not None:
+            cursor = self._db.execute(sql, parameters)
+            self.sync()
+            return cursor
         self.round_trips += 1
         return self._db.execute(sql, parameters)
 
@@ -330,7 +623,10 @@ class PostgresTables(Tables):
         return int(self._cursor(sql, parameters).rowcount)
 
     def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
+        if rows and self._pipeline is not None:
+            for row in rows:
+                self._db.execute(sql, row)
+        elif rows:
             self.round_trips += 1
             with self._db.cursor() as cursor:
                 cursor.executemany(sql, rows)
@@ -342,14 +638,18 @@ class PostgresTables(Tables):
     # -- modules -------------------------------------------------------------------
 
     def get_module(self, module_id: str) -> Module | None:
+        if self._cache is not None and module_id in self._cache.modules:
+            return self._cache.modules[module_id]
         row = self._one(self._locked(_SELECT_MODULE + " WHERE module_id = %s"), (module_id,))
         return None if row is None else _module(row)
 
     def insert_modules(self, modules: Sequence[Module]) -> None:
         unique = _psycopg().errors.UniqueViolation
         for module in modules:
+            if self._cache is not None:
+                self._cache.modules.pop(module.module_id, None)
             try:
-                self._run(
+                self.send(
                     """
                     INSERT INTO modules (module_id, status, psk, psk_reusable, module_group,
                         last_hello_ts, created_at)
@@ -361,7 +661,9 @@ class PostgresTables(Tables):
                 raise DuplicateModule(module.module_id) from None
 
     def update_module(self, module: Module) -> None:
-        self._run(
+        if self._cache is not None and module.module_id in self._cache.modules:
+            self._cache.modules[module.module_id] = module
+        self.send(
             """
             UPDATE modules SET status = %s, psk = %s, psk_reusable = %s, module_group = %s,
                 last_hello_ts = %s, created_at = %s
@@ -411,7 +713,7 @@ class PostgresTables(Tables):
         unique = _psycopg().errors.UniqueViolation
         for key in keys:
             try:
-                self._run(
+                self.send(
                     """
                     INSERT INTO module_keys (module_id, kid, suite, public, status, vouched_by,
                         created_at, activated_at, retired_at, not_after, pid)
@@ -423,7 +725,7 @@ class PostgresTables(Tables):
                 raise KeyConflict(f"{key.module_id} kid {key.kid}") from None
 
     def update_key(self, key: ModuleKey) -> None:
-        self._run(
+        self.send(
             """
             UPDATE module_keys SET suite = %s, public = %s, status = %s, vouched_by = %s,
                 created_at = %s, activated_at = %s, retired_at = %s, not_after = %s, pid = %s
@@ -487,7 +789,7 @@ class PostgresTables(Tables):
         return None if row is None else _server_key(row)
 
     def insert_server_key(self, key: ServerKey) -> None:
-        self._run(
+        self.send(
             """
             INSERT INTO server_keys (skid, suite, public, sig_public, status, created_at,
                 retire_after)
@@ -497,7 +799,7 @@ class PostgresTables(Tables):
         )
 
     def update_server_key(self, key: ServerKey) -> None:
-        self._run(
+        self.send(
             """
             UPDATE server_keys SET suite = %s, public = %s, sig_public = %s, status = %s,
                 created_at = %s, retire_after = %s
@@ -513,6 +815,8 @@ class PostgresTables(Tables):
     # -- sessions ------------------------------------------------------------------
 
     def get_session(self, sid: bytes) -> Session | None:
+        if self._cache is not None and sid in self._cache.sessions:
+            return self._cache.sessions[sid]
         if self.locking:
             # The module's row first, then the session's: a concurrent HELLO
             # of the module (which holds the module row while it replaces the
@@ -532,7 +836,14 @@ class PostgresTables(Tables):
         return None if row is None else _session(row)
 
     def insert_session(self, session: Session) -> None:
-        self._run(
+        if self._cache is not None:
+            # Its module's row is locked (by the caller): a session held
+            # with it stays as written here.
+            if session.module_id in self._cache.modules:
+                self._cache.sessions[session.sid] = session
+            else:
+                self._cache.sessions.pop(session.sid, None)
+        self.send(
             """
             INSERT INTO sessions (sid, module_id, kid, suite, skid, k_up, k_down, created_at,
                 expires_at, highest_ctr, "window")
@@ -542,21 +853,29 @@ class PostgresTables(Tables):
         )
 
     def delete_session(self, sid: bytes) -> None:
-        self._run("DELETE FROM sessions WHERE sid = %s", (sid,))
+        if self._cache is not None:
+            self._cache.sessions[sid] = None
+        self.send("DELETE FROM sessions WHERE sid = %s", (sid,))
 
     def delete_sessions(self, module_id: str, kid: int | None = None) -> None:
+        if self._cache is not None:
+            self._cache.delete_sessions_of(module_id, kid)
         if kid is None:
-            self._run("DELETE FROM sessions WHERE module_id = %s", (module_id,))
+            self.send("DELETE FROM sessions WHERE module_id = %s", (module_id,))
         else:
-            self._run("DELETE FROM sessions WHERE module_id = %s AND kid = %s", (module_id, kid))
+            self.send("DELETE FROM sessions WHERE module_id = %s AND kid = %s", (module_id, kid))
 
     def set_session_window(self, sid: bytes, highest: int, bits: int) -> None:
-        self._run(
+        if self._cache is not None:
+            self._cache.set_window(sid, highest, bits)
+        self.send(
             'UPDATE sessions SET highest_ctr = %s, "window" = %s WHERE sid = %s',
             (highest, logic.window_to_bytes(bits), sid),
         )
 
     def delete_expired_sessions(self, now: int) -> int:
+        if self._cache is not None:
+            self._cache.sessions.clear()
         return self._run("DELETE FROM sessions WHERE expires_at <= %s", (now,))
 
     # -- aliases -------------------------------------------------------------------
@@ -569,14 +888,14 @@ class PostgresTables(Tables):
         return None if row is None else (row[0], row[1])
 
     def replace_alias(self, module_id: str, alias: bytes, expires_at: int | None) -> None:
-        self._run("DELETE FROM aliases WHERE module_id = %s OR alias = %s", (module_id, alias))
-        self._run(
+        self.send("DELETE FROM aliases WHERE module_id = %s OR alias = %s", (module_id, alias))
+        self.send(
             "INSERT INTO aliases (alias, module_id, expires_at) VALUES (%s, %s, %s)",
             (alias, module_id, expires_at),
         )
 
     def delete_alias(self, alias: bytes) -> None:
-        self._run("DELETE FROM aliases WHERE alias = %s", (alias,))
+        self.send("DELETE FROM aliases WHERE alias = %s", (alias,))
 
     def delete_expired_aliases(self, now: int) -> int:
         return self._run(
@@ -586,13 +905,18 @@ class PostgresTables(Tables):
     # -- DATA tokens ---------------------------------------------------------------
 
     def find_token(self, module_id: str, tok: bytes) -> bytes | None:
+        if self._cache is not None and (module_id, tok) in self._cache.tokens:
+            found = self._cache.tokens[module_id, tok]
+            return None if found is None else found[0]
         row = self._one(
             "SELECT outcome FROM data_tokens WHERE module_id = %s AND tok = %s", (module_id, tok)
         )
         return None if row is None else bytes(row[0])
 
     def remember_token(self, module_id: str, tok: bytes, outcome: bytes, keep: int) -> None:
-        self._run(
+        if self._cache is not None:
+            self._cache.remember_token(module_id, tok, outcome, keep)
+        self.send(
             """
             WITH seen AS (
                 UPDATE modules SET tokens_seen = tokens_seen + 1 WHERE module_id = %s
@@ -608,6 +932,10 @@ class PostgresTables(Tables):
     # -- instructions --------------------------------------------------------------
 
     def get_instruction(self, module_id: str, iid: int) -> Instruction | None:
+        if self._cache is not None:
+            for instruction in self._cache.pending.get(module_id, ((), False))[0]:
+                if instruction.iid == iid:
+                    return instruction
         if self.locking:
             row = self._one(
                 _LOCK_MODULE
@@ -622,7 +950,9 @@ class PostgresTables(Tables):
         return None if row is None else _instruction(row)
 
     def insert_instruction(self, instruction: Instruction) -> None:
-        self._run(
+        if self._cache is not None:
+            self._cache.pending.pop(instruction.module_id, None)
+        self.send(
             """
             INSERT INTO instructions (module_id, iid, kind, body, wire_size, state, not_after,
                 attempts, source, idempotency_key, created_at, updated_at, exec_ts, status, result)
@@ -632,7 +962,9 @@ class PostgresTables(Tables):
         )
 
     def update_instruction(self, instruction: Instruction) -> None:
-        self._run(
+        if self._cache is not None:
+            self._cache.update_instruction(instruction)
+        self.send(
             """
             UPDATE instructions SET kind = %s, body = %s, wire_size = %s, state = %s,
                 not_after = %s, attempts = %s, source = %s, idempotency_key = %s,
@@ -663,6 +995,10 @@ class PostgresTables(Tables):
         return {InstructionState(state): int(count) for state, count in rows}
 
     def pending_instructions(self, module_id: str, after_iid: int, limit: int) -> list[Instruction]:
+        if self._cache is not None:
+            page = self._cache.pending_page(module_id, after_iid, limit)
+            if page is not None:
+                return page
         # Callers that may change them hold the module's row already.
         rows = self._all(
             self._locked(
@@ -680,6 +1016,10 @@ class PostgresTables(Tables):
         self, module_id: str | None, states: Sequence[InstructionState], limit: int
     ) -> list[Instruction]:
         wanted = [state.value for state in states] or None
+        if self._cache is not None and module_id is not None and states:
+            found = self._cache.pending_in(module_id, states, limit)
+            if found is not None:
+                return found
         if module_id is not None:
             rows = self._all(
                 _SELECT_INSTRUCTION
@@ -717,13 +1057,17 @@ class PostgresTables(Tables):
     # -- applications and the outbox -----------------------------------------------
 
     def get_module_apps(self, module_id: str) -> list[str]:
+        if self._cache is not None and module_id in self._cache.apps:
+            return list(self._cache.apps[module_id])
         rows = self._all(
             "SELECT app FROM module_apps WHERE module_id = %s ORDER BY app", (module_id,)
         )
         return [row[0] for row in rows]
 
     def set_module_apps(self, module_id: str, apps: Sequence[str]) -> None:
-        self._run("DELETE FROM module_apps WHERE module_id = %s", (module_id,))
+        if self._cache is not None:
+            self._cache.apps[module_id] = list(apps)
+        self.send("DELETE FROM module_apps WHERE module_id = %s", (module_id,))
         self._many(
             "INSERT INTO module_apps (module_id, app) VALUES (%s, %s)",
             [(module_id, app) for app in apps],
@@ -755,6 +1099,14 @@ class PostgresTables(Tables):
     def next_event_seq(self, app: str) -> int:
         # The row stays locked until the transaction ends: another appender
         # waits, and sees this one's numbers once it committed.
+        if self._cache is not None and app in self._cache.outbox:
+            # Locked by this transaction already: count on here, write the
+            # last number once (see write_outbox).
+            seq = self._cache.outbox[app] + 1
+            self._cache.outbox[app] = seq
+            self._cache.outbox_unwritten.add(app)
+            self.apps_appended.add(app)
+            return seq
         row = self._one(
             """
             INSERT INTO app_outbox AS o (app, last_seq, acked_seq) VALUES (%s, 1, 0)
@@ -764,10 +1116,12 @@ class PostgresTables(Tables):
             (app,),
         )
         self.apps_appended.add(app)
+        if self._cache is not None:
+            self._cache.outbox[app] = int(row[0])
         return int(row[0])
 
     def insert_event(self, event: Event, payload_text: str) -> None:
-        self._run(
+        self.send(
             """
             INSERT INTO events (app, seq, kind, module_id, payload, created_at)
             VALUES (%s, %s, %s, %s, %s, %s)
@@ -778,7 +1132,7 @@ class PostgresTables(Tables):
     def hold_event(
         self, module_id: str, kind: str, app: str | None, payload_text: str, created_at: int
     ) -> None:
-        self._run(
+        self.send(
             """
             INSERT INTO held_events (module_id, kind, app, payload, created_at)
             VALUES (%s, %s, %s, %s, %s)
@@ -794,7 +1148,7 @@ class PostgresTables(Tables):
         return [(row[0], row[1], row[2]) for row in rows]
 
     def delete_held_events(self, module_id: str) -> None:
-        self._run("DELETE FROM held_events WHERE module_id = %s", (module_id,))
+        self.send("DELETE FROM held_events WHERE module_id = %s", (module_id,))
 
     def events_after(self, app: str, seq: int, limit: int) -> list[Event]:
         rows = self._all(
@@ -807,6 +1161,7 @@ class PostgresTables(Tables):
         return [_event(row) for row in rows]
 
     def outbox_position(self, app: str) -> tuple[int, int]:
+        self.write_outbox()
         row = self._one(
             self._locked("SELECT acked_seq, last_seq FROM app_outbox WHERE app = %s"),
             (app,),
@@ -814,13 +1169,13 @@ class PostgresTables(Tables):
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
     def acknowledge(self, app: str, seq: int) -> None:
-        self._run("UPDATE app_outbox SET acked_seq = %s WHERE app = %s", (seq, app))
-        self._run("DELETE FROM events WHERE app = %s AND seq <= %s", (app, seq))
+        self.send("UPDATE app_outbox SET acked_seq = %s WHERE app = %s", (seq, app))
+        self.send("DELETE FROM events WHERE app = %s AND seq <= %s", (app, seq))
 
     # -- reports and security events -----------------------------------------------
 
     def insert_report(self, report: Report) -> None:
-        self._run(
+        self.send(
             """
             INSERT INTO reports (module_id, received_at, module_ts, data)
             VALUES (%s, %s, %s, %s)
@@ -890,6 +1245,7 @@ class _Item:
     work: Callable[[PostgresTables], Any]
     done: Deferred[Any]
     locking: bool
+    prefetch: Prefetch | None = None
 
 
 _Outcome = tuple[Deferred[Any], bool, Any]
@@ -904,6 +1260,8 @@ class DatabaseThread:
     :ivar transactions: transactions committed so far.
     :ivar operations: pieces of work committed in them (failed ones included).
     :ivar retries: batches (or operations) run again after a conflict.
+    :ivar fallbacks: pipelined batches that failed and were run again the
+        plain way (one savepoint per operation).
     """
 
     def __init__(
@@ -914,8 +1272,10 @@ class DatabaseThread:
         batch_max: int,
         retries: int,
         token: str,
+        pipeline: bool = True,
     ) -> None:
         self._connect = connect
+        self._pipeline = pipeline
         self._reactor = reactor
         self._batch_max = batch_max
         self._retries = retries
@@ -929,11 +1289,12 @@ class DatabaseThread:
         self.transactions = 0
         self.operations = 0
         self.retries = 0
+        self.fallbacks = 0
         self._round_trips = 0
 
     @property
     def round_trips(self) -> int:
-        """Statements (control statements included) sent to the server so far."""
+        """Times this thread waited for the server (see :attr:`PostgresStore.round_trips`)."""
         tables = self._tables
         return self._round_trips + (tables.round_trips if tables is not None else 0)
 
@@ -942,10 +1303,19 @@ class DatabaseThread:
         self._thread.start()
         return self._ready
 
-    def submit(self, work: Callable[[PostgresTables], T], locking: bool) -> Deferred[T]:
-        """Queue ``work``; fires with its result after the transaction that ran it commits."""
+    def submit(
+        self,
+        work: Callable[[PostgresTables], T],
+        locking: bool,
+        prefetch: Prefetch | None = None,
+    ) -> Deferred[T]:
+        """
+        Queue ``work``; fires with its result after the transaction that ran it commits.
+
+        :param prefetch: what ``work`` will read, to read ahead for it.
+        """
         done: Deferred[T] = Deferred()
-        self._queue.put(_Item(work, done, locking))
+        self._queue.put(_Item(work, done, locking, prefetch))
         return done
 
     def stop(self) -> Deferred[None]:
@@ -1021,6 +1391,11 @@ class DatabaseThread:
                 self._open()
             for _ in range(self._retries + 1):
                 try:
+                    if self._pipeline and any(item.prefetch for item in batch):
+                        pipelined = self._attempt_pipelined(batch)
+                        if pipelined is not None:
+                            return pipelined
+                        self.fallbacks += 1
                     return self._attempt(batch)
                 except _Retry:
                     self.retries += 1
@@ -1086,16 +1461,59 @@ class DatabaseThread:
         self.operations += len(batch)
         return outcomes
 
+    def _attempt_pipelined(self, batch: list[_Item]) -> list[_Outcome] | None:
+        """
+        Run ``batch`` in one transaction in pipeline mode: read ahead what
+        its operations declared (one round trip), run them on those rows,
+        writing without waiting, and commit (one more round trip).  There
+        are no savepoints: if anything fails, the transaction is rolled back
+        and ``None`` returned, for the caller to run the batch the plain way,
+        where each operation gets its own outcome.
+
+        :raise _Retry: a conflict rolled it back.
+        """
+        tables, connection = self._tables, self._connection
+        assert tables is not None and connection is not None
+        outcomes: list[_Outcome] = []
+        appended: set[str] = set()
+        try:
+            with tables.pipelined():
+                connection.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+                tables.locking = True
+                tables.prefetch([item.prefetch for item in batch if item.prefetch is not None])
+                for item in batch:
+                    tables.locking = item.locking
+                    tables.apps_appended = set()
+                    outcomes.append((item.done, True, item.work(tables)))
+                    appended |= tables.apps_appended
+                tables.write_outbox()
+                for statement in self._notifications(appended):
+                    connection.execute(statement.encode("utf-8"), prepare=False)
+                connection.execute("COMMIT", prepare=False)
+            # Leaving the pipeline waited for the COMMIT (and raised if it failed).
+        except Exception as exc:
+            if connection.closed or connection.broken:
+                raise
+            self._control("ROLLBACK")
+            if _retryable(exc):
+                raise _Retry() from exc
+            return None
+        self.transactions += 1
+        self.operations += len(batch)
+        return outcomes
+
     def _notify_statements(self, apps: set[str]) -> str:
         """``NOTIFY`` statements naming ``apps`` (delivered at ``COMMIT``), or ``""``."""
-        if not apps:
-            return ""
+        return "".join(f"{statement}; " for statement in self._notifications(apps))
+
+    def _notifications(self, apps: set[str]) -> list[str]:
+        """The ``NOTIFY`` statements naming ``apps``, one by one."""
         statements = []
         for chunk in _chunks(sorted(apps)):
             payload = json.dumps({"from": self._token, "apps": chunk}, ensure_ascii=True)
             literal = "'" + payload.replace("'", "''") + "'"
-            statements.append(f"NOTIFY {EVENTS_CHANNEL}, {literal}; ")
-        return "".join(statements)
+            statements.append(f"NOTIFY {EVENTS_CHANNEL}, {literal}")
+        return statements
 
 
 def _chunks(apps: list[str]) -> Iterator[list[str]]:
@@ -1289,6 +1707,9 @@ class PostgresStore(TransactionalStore):
     :param connect_timeout: seconds to wait for the server when connecting.
     :param auto_migrate: :meth:`open` applies pending migrations (else it
         refuses a database that is not at the shipped level).
+    :param pipeline: run a batch holding DATA in pipeline mode (see
+        :meth:`DatabaseThread._attempt_pipelined`); else every batch the
+        plain way, one savepoint and one round trip per statement.
     """
 
     name = "postgres"
@@ -1301,6 +1722,7 @@ class PostgresStore(TransactionalStore):
         retries: int = DEFAULT_RETRIES,
         connect_timeout: int = DEFAULT_CONNECT_TIMEOUT,
         auto_migrate: bool = True,
+        pipeline: bool = True,
     ) -> None:
         self.dsn = dsn
         self._reactor = reactor
@@ -1309,8 +1731,16 @@ class PostgresStore(TransactionalStore):
         #: Tells this store's own notifications from other processes'.
         self.token = uuid.uuid4().hex
         self._thread = DatabaseThread(
-            "m2mgw-postgres", self._connect_and_migrate, reactor, batch_max, retries, self.token
+            "m2mgw-postgres",
+            self._connect_and_migrate,
+            reactor,
+            batch_max,
+            retries,
+            self.token,
+            pipeline,
         )
+        #: What the next :meth:`_commit` will read (set around a call of the base class).
+        self._prefetch: Prefetch | None = None
         self._listener: EventNotificationListener | None = None
         self._state = "new"
         self._opened = _Waiters()
@@ -1330,13 +1760,21 @@ class PostgresStore(TransactionalStore):
 
     @property
     def round_trips(self) -> int:
-        """Statements (transaction control included) sent to the server by the database thread."""
+        """
+        Times the database thread waited for the server: each statement run
+        the plain way (transaction control included), each pipeline sync.
+        """
         return self._thread.round_trips
 
     @property
     def retries(self) -> int:
         """Batches or operations run again after a serialization failure or a deadlock."""
         return self._thread.retries
+
+    @property
+    def fallbacks(self) -> int:
+        """Pipelined batches that failed and were run again with a savepoint per operation."""
+        return self._thread.fallbacks
 
     # -- connections -----------------------------------------------------------------
 
@@ -1430,7 +1868,44 @@ class PostgresStore(TransactionalStore):
         return self._thread.submit(work, locking)
 
     def _commit(self, work: Work[T]) -> Deferred[T]:
-        return self.run(work, locking=True)
+        prefetch, self._prefetch = self._prefetch, None
+        if self._state != "open":
+            return fail(StoreError("the postgres store is not open"))
+        return self._thread.submit(work, True, prefetch)
+
+    def accept_hello(self, commit: HelloCommit) -> Deferred[ExchangeResult | None]:
+        """
+        :meth:`~m2mgw.interfaces.IModuleStore.accept_hello`, telling the
+        database thread what it will read (see :class:`Prefetch`).
+        """
+        effects = commit.effects
+        self._prefetch = Prefetch(
+            commit.session.sid,
+            module_id=commit.session.module_id,
+            apps=tuple(sorted({e.app for e in effects.events if e.app is not None})),
+            events=_appends_events(effects),
+        )
+        try:
+            return super().accept_hello(commit)
+        finally:
+            self._prefetch = None
+
+    def accept_data(self, commit: DataCommit) -> Deferred[ExchangeResult | None]:
+        """
+        :meth:`~m2mgw.interfaces.IModuleStore.accept_data`, telling the
+        database thread what it will read (see :class:`Prefetch`).
+        """
+        effects = commit.effects
+        self._prefetch = Prefetch(
+            commit.sid,
+            commit.tok,
+            apps=tuple(sorted({e.app for e in effects.events if e.app is not None})),
+            events=_appends_events(effects),
+        )
+        try:
+            return super().accept_data(commit)
+        finally:
+            self._prefetch = None
 
     def _read(self, work: Work[T]) -> Deferred[T]:
         return self.run(work, locking=False)
@@ -1509,6 +1984,13 @@ class PostgresStore(TransactionalStore):
             self._announce(None, set(apps))
 
 
+def _appends_events(effects: PayloadEffects) -> bool:
+    """Applying ``effects`` probably appends events."""
+    return bool(
+        effects.events or effects.confirmations or effects.new_key or effects.new_instructions
+    )
+
+
 def _parse_int(options: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     text = options.get(name)
     if text is None:
@@ -1554,6 +2036,9 @@ class PostgresStoreFactory:
             f"seconds to wait for the server when connecting (default {DEFAULT_CONNECT_TIMEOUT})"
         ),
         "auto_migrate": "yes: apply pending schema migrations when opening (default yes)",
+        "pipeline": (
+            "yes: run batches of DATA in pipeline mode, reading ahead what they need (default yes)"
+        ),
     }
 
     def create(self, options: Mapping[str, str], data_dir: str, reactor: Any) -> PostgresStore:
@@ -1577,4 +2062,5 @@ class PostgresStoreFactory:
             retries=_parse_int(options, "retries", DEFAULT_RETRIES, 0),
             connect_timeout=_parse_int(options, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, 1),
             auto_migrate=_parse_bool(options, "auto_migrate", True),
+            pipeline=_parse_bool(options, "pipeline", True),
         )
