@@ -204,7 +204,7 @@ class TestModuleStoreContract:
         self, store: Any
     ) -> None:
         await provision(store, "m1")
-        with pytest.raises(DuplicateModule):
+        with pytest.raises(DuplicateModule, match="m1"):
             await store.add_modules([module("m2"), module("m1"), module("m3")])
         assert [m.module_id for m in await store.list_modules()] == ["m1"]
 
@@ -230,8 +230,10 @@ class TestModuleStoreContract:
             await store.add_modules([module("m1")], [key("m1", 1), key("ghost", 1)])
         await provision(store, "m2")
         await store.add_key(key("m2", 1))
-        with pytest.raises(KeyConflict):
+        with pytest.raises(KeyConflict, match="m2 kid 1"):
             await store.add_modules([module("m1")], [key("m2", 1)])
+        with pytest.raises(KeyConflict, match="m2 kid 1"):  # among several
+            await store.add_modules([module("m1")], [key("m1", 1), key("m2", 1), key("m1", 2)])
         assert await store.count_modules() == 1
         assert await store.list_keys("m1") == []
 

@@ -238,8 +238,17 @@ def add_modules(
             _module(tables, module_id)
     tables.insert_modules(modules)
     tables.insert_keys(keys)
+    tables.add_module_apps(
+        [
+            (module_id, name)
+            for module_id, names in (apps or {}).items()
+            if module_id in added
+            for name in sorted(set(names))
+        ]
+    )
     for module_id, names in (apps or {}).items():
-        tables.set_module_apps(module_id, sorted(set(names)))
+        if module_id not in added:
+            tables.set_module_apps(module_id, sorted(set(names)))
 
 
 def set_module_status(

@@ -219,6 +219,26 @@ def _first_line(exc: BaseException) -> str:
 # -- rows --------------------------------------------------------------------------
 
 
+_INSERT_MODULE = """
+    INSERT INTO modules (module_id, status, psk, psk_reusable, module_group,
+        last_hello_ts, created_at)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
+"""
+
+_INSERT_KEY = """
+    INSERT INTO module_keys (module_id, kid, suite, public, status, vouched_by,
+        created_at, activated_at, retired_at, not_after, pid)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+
+def _conflicting_key(exc: Any) -> str:
+    """What a unique violation's detail names ("Key (a, b)=(x, 1) already exists.")."""
+    detail = getattr(getattr(exc, "diag", None), "message_detail", None) or ""
+    _, _, rest = detail.partition(")=(")
+    return rest.rpartition(")")[0] or "a row that exists already"
+
+
 def _values(record: Any) -> list[Any]:
     """A record's fields in declaration order, enumerations by their values."""
     return [v.value if isinstance(v, enum.Enum) else v for v in vars(record).values()]
@@ -645,18 +665,23 @@ class PostgresTables(Tables):
 
     def insert_modules(self, modules: Sequence[Module]) -> None:
         unique = _psycopg().errors.UniqueViolation
+        if self._pipeline is None and len(modules) > 1:
+            # A provisioning batch: one probe and one executemany, not a
+            # round trip per row.
+            ids = [module.module_id for module in modules]
+            found = self._one("SELECT module_id FROM modules WHERE module_id = ANY(%s)", (ids,))
+            if found is not None:
+                raise DuplicateModule(found[0])
+            try:
+                self._many(_INSERT_MODULE, [_values(module) for module in modules])
+            except unique as exc:  # inserted by another node since the probe
+                raise DuplicateModule(_conflicting_key(exc)) from None
+            return
         for module in modules:
             if self._cache is not None:
                 self._cache.modules.pop(module.module_id, None)
             try:
-                self.send(
-                    """
-                    INSERT INTO modules (module_id, status, psk, psk_reusable, module_group,
-                        last_hello_ts, created_at)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s)
-                    """,
-                    _values(module),
-                )
+                self.send(_INSERT_MODULE, _values(module))
             except unique:
                 raise DuplicateModule(module.module_id) from None
 
@@ -711,16 +736,26 @@ class PostgresTables(Tables):
 
     def insert_keys(self, keys: Sequence[ModuleKey]) -> None:
         unique = _psycopg().errors.UniqueViolation
+        if self._pipeline is None and len(keys) > 1:
+            found = self._one(
+                """
+                SELECT k.module_id, k.kid FROM module_keys k
+                JOIN unnest(%s::text[], %s::bigint[]) AS n(module_id, kid)
+                    ON k.module_id = n.module_id AND k.kid = n.kid
+                LIMIT 1
+                """,
+                ([key.module_id for key in keys], [key.kid for key in keys]),
+            )
+            if found is not None:
+                raise KeyConflict(f"{found[0]} kid {found[1]}")
+            try:
+                self._many(_INSERT_KEY, [_values(key) for key in keys])
+            except unique as exc:
+                raise KeyConflict(_conflicting_key(exc)) from None
+            return
         for key in keys:
             try:
-                self.send(
-                    """
-                    INSERT INTO module_keys (module_id, kid, suite, public, status, vouched_by,
-                        created_at, activated_at, retired_at, not_after, pid)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                    """,
-                    _values(key),
-                )
+                self.send(_INSERT_KEY, _values(key))
             except unique:
                 raise KeyConflict(f"{key.module_id} kid {key.kid}") from None
 
@@ -1063,6 +1098,12 @@ class PostgresTables(Tables):
             "SELECT app FROM module_apps WHERE module_id = %s ORDER BY app", (module_id,)
         )
         return [row[0] for row in rows]
+
+    def add_module_apps(self, pairs: Sequence[tuple[str, str]]) -> None:
+        if self._cache is not None:
+            for module_id, _ in pairs:
+                self._cache.apps.pop(module_id, None)
+        self._many("INSERT INTO module_apps (module_id, app) VALUES (%s, %s)", pairs)
 
     def set_module_apps(self, module_id: str, apps: Sequence[str]) -> None:
         if self._cache is not None:

@@ -233,6 +233,18 @@ class Tables(abc.ABC):
     def set_module_apps(self, module_id: str, apps: Sequence[str]) -> None:
         """Replace the module's applications (``apps`` sorted, without repeats)."""
 
+    def add_module_apps(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """
+        Give modules inserted by this transaction their applications:
+        ``(module_id, app)`` pairs without repeats.  A store may insert them
+        in bulk; this one replaces each module's list.
+        """
+        by_module: dict[str, list[str]] = {}
+        for module_id, app in pairs:
+            by_module.setdefault(module_id, []).append(app)
+        for module_id, apps in by_module.items():
+            self.set_module_apps(module_id, sorted(apps))
+
     @abc.abstractmethod
     def list_app_modules(self, app: str, offset: int, limit: int) -> list[Module]:
         """The modules ``app`` belongs to, ordered by identity."""
