@@ -698,6 +698,51 @@ def bench_hello(ctx: Context, results: dict[str, Any]) -> None:
                 f"{run['limit']:,.0f} = {run['cpu_ratio']:.3f}, less sensitive to sharing)"
             )
     results["hello"] = runs
+    _hello_floor(ctx, results, fleet)
+
+
+def _hello_floor(ctx: Context, results: dict[str, Any], fleet: Fleet) -> None:
+    """
+    The floor of a HELLO: its crypto (the limit), the AEAD open and seal, the
+    CBOR no implementation can skip and the echo server's cost per datagram
+    (from the DATA benchmark of this run, else one echo run here).  The
+    limit over that floor is the best ratio a gateway doing nothing else
+    could reach.
+    """
+    settings = ctx.settings
+    runs = results["hello"]
+    found: dict[str, Any] = {}
+    results["hello_floor"] = found
+    data = results.get("data")
+    if data and data.get("floor_us"):
+        echo_cost = data["floor_us"]["echo"]
+        source = "the DATA benchmark's echo runs"
+    else:
+        echo = _echo_run(ctx, "echo-hello", fleet)
+        _print_load("Twisted UDP echo (for the floor)", echo)
+        per_cpu = echo["server"]["per_cpu_second"]
+        echo_cost = 1e6 / per_cpu if per_cpu else 0.0
+        source = "one echo run"
+    floor = crypto_limit.hello_floor(settings.crypto_seconds / 2, settings.crypto_rounds)
+    aead = results["crypto"]["operations_us"]["AEAD open HELLO + seal reply"]
+    found["parts_us"] = {"echo": echo_cost, "aead": aead, **floor}
+    for method in ("sig", "sdh"):
+        limits = [runs[f"{method}_{store}"]["limit"] for store in ("memory", "sqlite")]
+        crypto_us = 1e6 / (sum(limits) / len(limits))
+        floor_us = crypto_us + aead + floor[f"cbor_{method}"] + echo_cost
+        best = crypto_us / floor_us
+        found[method] = {"crypto_us": crypto_us, "floor_us": floor_us, "ratio": best}
+        gateway_us = ", ".join(
+            f"{store} {1e6 / runs[f'{method}_{store}']['server']['per_cpu_second']:.0f} µs"
+            for store in ("memory", "sqlite")
+            if runs[f"{method}_{store}"]["server"]["per_cpu_second"]
+        )
+        say(
+            f"  floor of a {method.upper()} HELLO: crypto {crypto_us:.1f} µs (the limit) + AEAD "
+            f"{aead:.1f} + CBOR decode (checked) and encode {floor[f'cbor_{method}']:.1f} + echo "
+            f"server {echo_cost:.1f} µs of CPU ({source}) = {floor_us:.1f} µs: at most "
+            f"{best:.2f} of the limit per CPU-second; measured CPU per HELLO: {gateway_us}"
+        )
 
 
 def bench_memory(ctx: Context, results: dict[str, Any]) -> None:
@@ -771,7 +816,15 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  {method.upper()} HELLOs, {store} store / crypto limit: {run['ratio']:.3f} "
                 f"({fmt_rate(run['result']['rate'])} / {fmt_rate(run['limit'])}), "
-                f"target >= {run['target']:.2f}: {verdict(run['ratio'], run['target'])}"
+                f"target >= {run['target']:.2f}: {verdict(run['ratio'], run['target'])}; "
+                f"per server CPU-second {run['cpu_ratio']:.3f}"
+            )
+    for method, floor in (results.get("hello_floor") or {}).items():
+        if method in ("sig", "sdh"):
+            lines.append(
+                f"  floor of a {method.upper()} HELLO: at most {floor['ratio']:.2f} of the "
+                f"crypto limit per CPU-second ({floor['floor_us']:.0f} µs, of which crypto "
+                f"{floor['crypto_us']:.0f} µs)"
             )
     for row in results.get("wire", []):
         if row["target"] is not None:

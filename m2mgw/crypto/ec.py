@@ -35,7 +35,7 @@ from m2mgw.crypto.primitives import (
 from m2mgw.errors import BadKey, BadPoint, BadSignature
 from m2mgw.interfaces import ICipherSuite, RandomSource
 
-__all__ = ["P256", "P256_CCM8", "P384", "ECSuite", "NamedCurve", "compress_point"]
+__all__ = ["P256", "P256_CCM8", "P384", "ECSuite", "ECVerifier", "NamedCurve", "compress_point"]
 
 #: Bytes drawn beyond the field size when deriving a private key (FIPS 186-5 A.2.1).
 EXTRA_RANDOM_BYTES = 8
@@ -274,7 +274,20 @@ class ECSuite(CipherSuiteBase):
         :raise m2mgw.errors.BadSignature: it does not verify or has the wrong length.
         :raise m2mgw.errors.BadPoint: ``public_key`` is not a valid point.
         """
-        public = self.named_curve.decode_point(public_key)
+        self.verifier(public_key).verify(signature, data)
+
+    def verifier(self, public_key: bytes) -> ECVerifier:
+        """
+        ``public_key`` decoded and validated once, to check many signatures
+        (:meth:`verify` without decoding the point again).
+
+        :raise m2mgw.errors.BadPoint: ``public_key`` is not a valid point.
+        """
+        return ECVerifier(self, self.named_curve.decode_point(public_key))
+
+    def _verify_with(
+        self, public: ec.EllipticCurvePublicKey, signature: bytes, data: bytes
+    ) -> None:
         size = self.named_curve.field_len
         if len(signature) != 2 * size:
             raise BadSignature(f"a {self.name} signature has {2 * size} bytes")
@@ -290,6 +303,27 @@ class ECSuite(CipherSuiteBase):
         :raise m2mgw.errors.BadPoint: ``public_key`` is not a valid point of the curve.
         """
         self.named_curve.decode_point(public_key)
+
+
+class ECVerifier:
+    """
+    A public key of an :class:`ECSuite`, decoded and validated (a point of
+    the suite's curve), that checks signatures as :meth:`ECSuite.verify`.
+    """
+
+    __slots__ = ("_public", "_suite")
+
+    def __init__(self, suite: ECSuite, public: ec.EllipticCurvePublicKey) -> None:
+        self._suite = suite
+        self._public = public
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """
+        Check a raw ``r || s`` ECDSA signature of ``data``.
+
+        :raise m2mgw.errors.BadSignature: it does not verify or has the wrong length.
+        """
+        self._suite._verify_with(self._public, signature, data)
 
 
 #: The default suite: P-256, AES-128-GCM.

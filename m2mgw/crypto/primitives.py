@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac as hmac_module
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,6 +30,7 @@ __all__ = [
     "AeadAlgorithm",
     "CipherSuiteBase",
     "KeyedAead",
+    "Verifier",
     "check_params",
     "hash_algorithm",
     "hkdf",
@@ -346,6 +347,29 @@ def _check_custom_curve(eq: object) -> None:
 # -- the symmetric half of a suite --------------------------------------------------------
 
 
+class Verifier(Protocol):
+    """A module's (or the server's) public key, ready to check signatures."""
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """
+        :raise m2mgw.errors.BadSignature: ``signature`` is not a valid
+            signature of ``data`` under the key.
+        """
+
+
+class _SuiteVerifier:
+    """:meth:`CipherSuiteBase.verifier` for a suite that does not load keys ahead."""
+
+    __slots__ = ("_public_key", "_suite")
+
+    def __init__(self, suite: Any, public_key: bytes) -> None:
+        self._suite = suite
+        self._public_key = public_key
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self._suite.verify(self._public_key, signature, data)
+
+
 class CipherSuiteBase:
     """
     The part of an :class:`~m2mgw.interfaces.ICipherSuite` that every suite
@@ -423,6 +447,14 @@ class CipherSuiteBase:
         :raise m2mgw.errors.CryptoError: wrong key size.
         """
         return self._aead.keyed(key)
+
+    def verifier(self, public_key: bytes) -> Verifier:
+        """
+        A :class:`Verifier` for ``public_key``: its ``verify(signature, data)``
+        is the suite's ``verify(public_key, signature, data)``.  Suites whose
+        keys are costly to decode override this to decode (and validate) once.
+        """
+        return _SuiteVerifier(self, public_key)
 
     def check_params(self, params: Mapping[int, Any]) -> None:
         """

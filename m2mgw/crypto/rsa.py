@@ -43,7 +43,7 @@ from m2mgw.crypto.randomness import system_random
 from m2mgw.errors import BadKey, BadSignature, CryptoError, UnsupportedOperation
 from m2mgw.interfaces import ICipherSuite, RandomSource
 
-__all__ = ["RSA", "RSASuite", "eme_oaep_encode", "emsa_pss_encode", "mgf1"]
+__all__ = ["RSA", "RSASuite", "RSAVerifier", "eme_oaep_encode", "emsa_pss_encode", "mgf1"]
 
 PUBLIC_EXPONENT = 65537
 #: Size of new server and module keys.
@@ -328,13 +328,16 @@ class RSASuite(CipherSuiteBase):
         :raise m2mgw.errors.BadSignature: it does not verify or has the wrong length.
         :raise m2mgw.errors.BadKey: ``public_key`` is not acceptable.
         """
-        public = _public_key(public_key)
-        if len(signature) != (public.key_size + 7) // 8:
-            raise BadSignature("an RSA signature has the size of the modulus")
-        try:
-            public.verify(signature, data, _PSS, hashes.SHA256())
-        except InvalidSignature:
-            raise BadSignature("RSA-PSS signature does not verify") from None
+        self.verifier(public_key).verify(signature, data)
+
+    def verifier(self, public_key: bytes) -> RSAVerifier:
+        """
+        ``public_key`` parsed and checked once, to check many signatures
+        (:meth:`verify` without parsing the key again).
+
+        :raise m2mgw.errors.BadKey: ``public_key`` is not acceptable.
+        """
+        return RSAVerifier(_public_key(public_key))
 
     def validate_public_key(self, public_key: bytes) -> None:
         """
@@ -342,6 +345,29 @@ class RSASuite(CipherSuiteBase):
             2048-3072 bits with exponent 65537.
         """
         _public_key(public_key)
+
+
+class RSAVerifier:
+    """An accepted RSA public key that checks RSA-PSS signatures as :meth:`RSASuite.verify`."""
+
+    __slots__ = ("_public",)
+
+    def __init__(self, public: rsa.RSAPublicKey) -> None:
+        self._public = public
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """
+        Check an RSA-PSS signature (32-byte salt) of ``data``.
+
+        :raise m2mgw.errors.BadSignature: it does not verify or has the wrong length.
+        """
+        public = self._public
+        if len(signature) != (public.key_size + 7) // 8:
+            raise BadSignature("an RSA signature has the size of the modulus")
+        try:
+            public.verify(signature, data, _PSS, hashes.SHA256())
+        except InvalidSignature:
+            raise BadSignature("RSA-PSS signature does not verify") from None
 
 
 #: The ``rsa`` suite (2048-bit keys generated).

@@ -693,7 +693,11 @@ def parse_hello_body(body: bytes) -> HelloBody:
         missing or of the wrong type or size; ``claimed_id`` is set once
         ``id`` could be read.
     """
-    fields = _map(_decode(body), "HelloBody")
+    value = _decode(body)
+    quick = _quick_hello_body(value)
+    if quick is not None:
+        return quick
+    fields = _map(value, "HelloBody")
     module_id = fields.get(_ID, _ABSENT)
     _shape(_tstr_problem("id", module_id, MIN_ID, MAX_ID))
     assert isinstance(module_id, str)
@@ -709,7 +713,38 @@ def parse_hello_body(body: bytes) -> HelloBody:
         module_id,
     )
     pl = _payload_or_none(fields.get(_PL, _ABSENT), module_id)
-    return HelloBody(id=module_id, kid=kid, ts=ts, tok=tok, pl=pl)
+    # Every field was checked above (pl is a Payload or None).
+    return _checked(HelloBody, {"id": module_id, "kid": kid, "ts": ts, "tok": tok, "pl": pl})
+
+
+def _quick_hello_body(value: object) -> HelloBody | None:
+    """
+    The HelloBody of a decoded map whose keys are all integers and whose
+    ``id`` (ASCII), ``kid``, ``ts`` and ``tok`` have their plain types and
+    sizes: the usual body, with the checks of :func:`parse_hello_body` made
+    in line.  ``None`` for anything else, which the full path then decides
+    (error reasons included).
+    """
+    if type(value) is not dict or not all(type(key) is int for key in value):
+        return None
+    module_id = value.get(_ID)
+    kid = value.get(_KID)
+    ts = value.get(_TS)
+    tok = value.get(_TOK)
+    if not (
+        type(module_id) is str
+        and module_id.isascii()
+        and MIN_ID <= len(module_id) <= MAX_ID
+        and type(kid) is int
+        and 0 <= kid <= MAX_UINT
+        and type(ts) is int
+        and 0 <= ts <= MAX_UINT
+        and type(tok) is bytes
+        and MIN_HELLO_TOK <= len(tok) <= MAX_TOK
+    ):
+        return None
+    pl = _payload_or_none(value.get(_PL, _ABSENT), module_id)
+    return _checked(HelloBody, {"id": module_id, "kid": kid, "ts": ts, "tok": tok, "pl": pl})
 
 
 class HelloPlaintext(NamedTuple):
@@ -1294,6 +1329,54 @@ class ReplyBody:
         }
         return _checked(cls, fields)
 
+    @classmethod
+    def hello_base(
+        cls,
+        ack: bytes,
+        stok: bytes,
+        exp: int,
+        time: int,
+        alias: bytes | None,
+        err: tuple[ErrorEntry, ...] = (),
+        res: Mapping[int, Any] | None = None,
+    ) -> ReplyBody:
+        """
+        The body of a HELLO_REPLY before instructions, as the constructor
+        makes it.  The usual one (no ``err`` or ``res``, fields of their
+        plain types) is checked in line: the constructor's checks of the five
+        scalar fields (``ins``, ``more``, ``err`` and ``res`` are then the
+        defaults, which pass); anything else goes through the constructor.
+
+        :raise ValueError: a field of the wrong type or size.
+        """
+        usual = (
+            not err
+            and not res
+            and type(ack) is bytes
+            and MIN_DATA_TOK <= len(ack) <= MAX_TOK
+            and type(stok) is bytes
+            and len(stok) == STOK_SIZE
+            and type(exp) is int
+            and 0 <= exp <= MAX_UINT
+            and type(time) is int
+            and 0 <= time <= MAX_UINT
+            and (alias is None or (type(alias) is bytes and MIN_ALIAS <= len(alias) <= MAX_ALIAS))
+        )
+        if not usual:  # the constructor decides, and raises the usual errors
+            return cls(ack=ack, stok=stok, exp=exp, time=time, alias=alias, err=err, res=res or {})
+        fields = {
+            "ack": ack,
+            "stok": stok,
+            "exp": exp,
+            "time": time,
+            "ins": (),
+            "more": False,
+            "alias": alias,
+            "err": (),
+            "res": {},
+        }
+        return _checked(cls, fields)
+
     @property
     def keyreg_result(self) -> KeyRegResult | None:
         """The keyreg result under ``res`` key 12, if any."""
@@ -1323,7 +1406,41 @@ class ReplyBody:
 
     def encode(self) -> bytes:
         """The DATA_REPLY plaintext, or the HELLO_REPLY body bytes."""
+        if not self.ins and not self.err and not self.res:
+            encoded = self._encode_scalars()
+            if encoded is not None:
+                return encoded
         return cbor.encode(self.to_cbor())
+
+    def _encode_scalars(self) -> bytes | None:
+        """
+        The encoding of a body without ``ins``, ``err`` and ``res``, put
+        together from its heads (keys 1-7 are one byte each and ascend), or
+        ``None`` if a field has not its plain built-in type.  The same bytes
+        as :func:`cbor.encode` of :meth:`to_cbor`.
+        """
+        ack, stok, exp, time, alias = self.ack, self.stok, self.exp, self.time, self.alias
+        if type(ack) is not bytes:
+            return None
+        parts = [b"\x01", cbor.encode_bytes(ack)]
+        if stok is not None:
+            if type(stok) is not bytes:
+                return None
+            parts += (b"\x02", cbor.encode_bytes(stok))
+        for key, number in ((b"\x03", exp), (b"\x04", time)):
+            if number is not None:
+                if type(number) is not int or not 0 <= number <= MAX_UINT:
+                    return None
+                parts += (key, cbor.head(0, number))
+        if self.more:
+            if self.more is not True:
+                return None
+            parts += (b"\x06", b"\xf5")
+        if alias is not None:
+            if type(alias) is not bytes:
+                return None
+            parts += (b"\x07", cbor.encode_bytes(alias))
+        return cbor.head(5, len(parts) // 2) + b"".join(parts)
 
 
 def _read_reply_body(value: object) -> ReplyBody:
@@ -1389,7 +1506,15 @@ def build_hello_reply_plaintext(body_bytes: bytes, sig: bytes | None) -> bytes:
     :raise ValueError: an argument of the wrong type.
     """
     _check(_bstr_problem("body", body_bytes) or _optional(_bstr_problem("sig", sig), sig))
+    if type(body_bytes) is bytes and (sig is None or type(sig) is bytes):
+        # From the heads: the same bytes as cbor.encode, faster.
+        sig_item = _NULL if sig is None else cbor.encode_bytes(sig)
+        return b"".join((_ARRAY_OF_TWO, cbor.encode_bytes(body_bytes), sig_item))
     return cbor.encode([body_bytes, sig])
+
+
+_ARRAY_OF_TWO = cbor.head(4, 2)
+_NULL = b"\xf6"
 
 
 def parse_hello_reply_plaintext(plaintext: bytes) -> HelloReplyPlaintext:

@@ -26,7 +26,16 @@ import cbor2
 
 from m2mgw.errors import DecodeError
 
-__all__ = ["DECLINED", "Tag", "decode", "decode_canonical", "encode", "head"]
+__all__ = [
+    "DECLINED",
+    "Tag",
+    "decode",
+    "decode_canonical",
+    "encode",
+    "encode_bytes",
+    "encode_text",
+    "head",
+]
 
 Tag = cbor2.CBORTag
 
@@ -63,6 +72,17 @@ def head(major: int, value: int) -> bytes:
     :raise ValueError: ``value`` over 64 bits.
     """
     return _head(major, value)
+
+
+def encode_bytes(value: bytes) -> bytes:
+    """``encode(value)`` for a ``bytes`` value: its head and the bytes."""
+    return _head(2, len(value)) + value
+
+
+def encode_text(value: str) -> bytes:
+    """``encode(value)`` for a ``str`` value: its head and its UTF-8 bytes."""
+    data = value.encode("utf-8")
+    return _head(3, len(data)) + data
 
 
 def _float(value: float) -> bytes:

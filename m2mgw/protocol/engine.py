@@ -209,6 +209,19 @@ class _SuiteAead:
         return bytes(self._suite.open(self._key, nonce, aad, ciphertext))
 
 
+class _SuiteVerifier:
+    """A module key and its suite's ``verify``, for a suite without ``verifier``."""
+
+    __slots__ = ("_public", "_suite")
+
+    def __init__(self, suite: ICipherSuite, public: bytes) -> None:
+        self._suite = suite
+        self._public = public
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self._suite.verify(self._public, signature, data)
+
+
 class _CachedSession:
     """
     A session in the engine's cache, with its AEADs keyed once (on first
@@ -296,6 +309,9 @@ class ModuleController:
         (:meth:`m2mgw.apps.polling.InstructionPoll.wait_for_instruction`):
         awaited with the module's identity before the reply to an accepted
         message claims its instructions; it must not fail.
+    :param verifier_cache_size: how many module public keys are kept loaded
+        (point decoded and validated: about 8 µs and 2 KiB each for P-256),
+        most recently used first, for the SIG HELLOs of modules seen lately.
     """
 
     log = Logger()
@@ -311,6 +327,7 @@ class ModuleController:
         max_datagram: int = 1232,
         session_cache_size: int = 100_000,
         zss_cache_size: int = 100_000,
+        verifier_cache_size: int = 1_000,
         params: Mapping[str, ParameterSet] | None = None,
         rotation: RotationConfig | None = None,
         instruction_poll: Callable[[str], Awaitable[object]] | None = None,
@@ -336,6 +353,7 @@ class ModuleController:
         self._inflight: dict[bytes, list[Deferred[bytes | None]]] = {}
         self._sessions = _LRU(session_cache_size)
         self._zss = _LRU(zss_cache_size)
+        self._verifiers = _LRU(verifier_cache_size)
         #: :func:`ins_budget` by what it depends on (sizes, not values); see :meth:`_ins_budget`.
         self._budgets: dict[tuple[Any, ...], int] = {}
 
@@ -490,7 +508,10 @@ class ModuleController:
             created_at=now,
             expires_at=now + lifetime,
         )
-        outcome = await self._payload(body.pl, module, session, credential, body.ts, now)
+        if body.pl is None:  # the usual HELLO: nothing to apply
+            outcome = _PayloadOutcome()
+        else:
+            outcome = await self._payload(body.pl, module, session, credential, body.ts, now)
         if credential.grace_until is not None and not outcome.keygen_requested:
             # The point of the grace session: the module's successor key.
             keygen = await self._keygen_instruction(module, session, now, if_none=True)
@@ -499,7 +520,7 @@ class ModuleController:
                     outcome.effects,
                     new_instructions=(*outcome.effects.new_instructions, keygen),
                 )
-        base = ReplyBody(
+        base = ReplyBody.hello_base(
             ack=body.tok,
             stok=stok,
             exp=lifetime,
@@ -512,7 +533,7 @@ class ModuleController:
         frame = ReplyFrame.hello_reply(sid, tag_len=suite.tag_len, sig_len=sig_len)
         base_bytes = base.encode()
         delivery = self._delivery(module, base, frame, len(base_bytes))
-        if delivery.budget > 0:
+        if delivery.budget > 0 and self._instruction_poll is not None:
             await self._poll_applications(module_id)
         commit = HelloCommit(
             session=session,
@@ -598,7 +619,7 @@ class ModuleController:
                 raise _Drop(DropReason.EXPIRED_KID, module_id)
         if method == AuthMethod.SIG:
             try:
-                suite.verify(key.public, value, tbs)
+                self._verifier(suite, module_id, kid, key.public).verify(value, tbs)
             except (BadSignature, BadKey):
                 raise _Drop(DropReason.BAD_SIGNATURE, module_id) from None
         else:  # SDH
@@ -616,6 +637,23 @@ class ModuleController:
             if not hmac.compare_digest(expected, value):
                 raise _Drop(DropReason.BAD_SIGNATURE, module_id)
         return _Credential(kid, key, grace_until)
+
+    def _verifier(self, suite: ICipherSuite, module_id: str, kid: int, public: bytes) -> Any:
+        """
+        The module key ``public`` loaded once (point decoded and validated),
+        remembered per ``(module, kid, suite, public key bytes)``: a changed
+        key is a new entry.  The key's status is still read from the store
+        on every HELLO.
+
+        :raise m2mgw.errors.BadKey: ``public`` is not a valid key of ``suite``.
+        """
+        cache_key = (module_id, kid, suite.name, public)
+        verifier = self._verifiers.get_fresh(cache_key)
+        if verifier is None:
+            load = getattr(suite, "verifier", None)
+            verifier = load(public) if load is not None else _SuiteVerifier(suite, public)
+            self._verifiers.put(cache_key, verifier)
+        return verifier
 
     def _rotation_policy(self, module: Module) -> RotationPolicy:
         return self._rotation.for_group(module.group)
