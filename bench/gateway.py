@@ -77,6 +77,9 @@ def gateway_stats(root: Any) -> dict[str, Any]:
     }
     if hasattr(store, "transactions"):
         stats["store"] = {"transactions": store.transactions, "operations": store.operations}
+        if hasattr(store, "round_trips"):
+            # The PostgreSQL store counts its round trips to the server.
+            stats["store"]["round_trips"] = store.round_trips
     return stats
 
 
