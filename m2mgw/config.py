@@ -20,7 +20,7 @@ Sections (``etc/m2mgw.conf`` documents every key)::
                      permissions, retention_events, retention_age
     [app.NAME]       permissions, hours, networks,        (one application)
                      retention_events, retention_age
-    [store]          backend
+    [store]          backend, keep_reports, keep_security_events, keep_instructions
     [store.NAME]     the options of store plugin NAME
     [protocol]       MGP/1 policy
     [params.NAME]    a parameter set for new module keys (MGP/1 §9)
@@ -149,10 +149,29 @@ class StoreConfig:
 
     :ivar backend: the name of an :class:`~m2mgw.interfaces.IModuleStoreFactory` plugin.
     :ivar options: the ``[store.BACKEND]`` section, keys checked against the plugin.
+    :ivar keep_reports: seconds a module report is kept after it arrived (0: for ever).
+    :ivar keep_security_events: seconds a security event (the audit trail) is kept.
+    :ivar keep_instructions: seconds a confirmed, failed, expired or cancelled
+        instruction is kept after its last change.
     """
 
     backend: str = "sqlite"
     options: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    keep_reports: int = 30 * 86400
+    keep_security_events: int = 365 * 86400
+    keep_instructions: int = 90 * 86400
+
+    def retention(self, now: int) -> dict[str, int]:
+        """
+        The times to give :meth:`~m2mgw.interfaces.IModuleStore.purge` at
+        ``now``; the kinds kept for ever are left out.
+        """
+        kept = {
+            "reports": self.keep_reports,
+            "security_events": self.keep_security_events,
+            "instructions": self.keep_instructions,
+        }
+        return {kind: now - seconds for kind, seconds in kept.items() if seconds}
 
 
 @dataclass(frozen=True)
@@ -488,7 +507,12 @@ _SECTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "retention_events": _parse_int(0, 2**62),
         "retention_age": _parse_int(0, 20 * 366 * 86400),
     },
-    "store": {"backend": _parse_str},
+    "store": {
+        "backend": _parse_str,
+        "keep_reports": _parse_int(0, 100 * 365 * 86400),
+        "keep_security_events": _parse_int(0, 100 * 365 * 86400),
+        "keep_instructions": _parse_int(0, 100 * 365 * 86400),
+    },
     "protocol": {
         "sid_bytes": _parse_int(4, 8),
         "session_lifetime": _parse_int(60, 366 * 86400),
@@ -723,7 +747,8 @@ def _build(settings: _Settings) -> GatewayConfig:
             f" suites ({', '.join(config.suites)})"
         )
 
-    backend = settings.parsed("store").get("backend", StoreConfig.backend)
+    store_section = settings.parsed("store")
+    backend = store_section.get("backend", StoreConfig.backend)
     store_options: Mapping[str, str] = _EMPTY
     sources: list[SourceConfig] = []
     for section in settings.sections:
@@ -743,7 +768,15 @@ def _build(settings: _Settings) -> GatewayConfig:
 
     return dataclasses.replace(
         config,
-        store=StoreConfig(backend=backend, options=store_options),
+        store=StoreConfig(
+            backend=backend,
+            options=store_options,
+            keep_reports=store_section.get("keep_reports", StoreConfig.keep_reports),
+            keep_security_events=store_section.get(
+                "keep_security_events", StoreConfig.keep_security_events
+            ),
+            keep_instructions=store_section.get("keep_instructions", StoreConfig.keep_instructions),
+        ),
         sources=tuple(sources),
         app_policies=_app_policies(settings, config.apps),
         **_key_lifecycle(settings, config),

@@ -596,6 +596,19 @@ class IModuleStore(Interface):
         :return: counts by kind: ``{"sessions", "aliases", "instructions", "keys"}``.
         """
 
+    def purge(before: Mapping[str, int], limit: int = 10_000) -> Deferred[dict[str, int]]:
+        """
+        Delete old records, at most ``limit`` of each kind in one call
+        (call again while a count reaches ``limit``): per kind named in
+        ``before``, the records older than the given time -- ``"reports"``
+        (by ``received_at``), ``"security_events"`` (by ``at``) and
+        ``"instructions"`` in a final state (by ``updated_at``; ``iid``s
+        are never reused).  Nothing else changes and no event is appended.
+
+        :return: how many were deleted, by kind.
+        :raise ValueError: an unknown kind.
+        """
+
 
 class IModuleStoreFactory(Interface):
     """A plugin that makes a store from its configuration section."""

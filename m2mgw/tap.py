@@ -39,7 +39,7 @@ from m2mgw.apps.operations import AppOperations
 from m2mgw.apps.polling import InstructionPoll
 from m2mgw.apps.rotation import RotationOnRequest
 from m2mgw.apps.source import ApplicationSource
-from m2mgw.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
+from m2mgw.config import DEFAULT_CONFIG_PATH, GatewayConfig, StoreConfig, load_config
 from m2mgw.crypto.randomness import system_random
 from m2mgw.datadir import DataDir
 from m2mgw.errors import ConfigError
@@ -230,14 +230,37 @@ def _stop_reactor(reactor: Any) -> Any:
     return stop
 
 
-def _expiry(store: IModuleStore, clock: IReactorTime) -> Any:
-    """The expiry job: sweep what expired, log what was swept."""
+#: Records of one kind the expiry job deletes per transaction, and per run.
+PURGE_BATCH, PURGE_RUN_MAX = 10_000, 1_000_000
+
+
+def _expiry(store: IModuleStore, clock: IReactorTime, retention: StoreConfig) -> Any:
+    """
+    The expiry job: sweep what expired, then delete what is older than the
+    ``[store] keep_*`` settings (in bounded transactions); log what went.
+    """
 
     async def expire() -> None:
-        counts: Mapping[str, int] = await store.expire(int(clock.seconds()))
+        now = int(clock.seconds())
+        counts: Mapping[str, int] = await store.expire(now)
         swept = {kind: n for kind, n in counts.items() if n}
         if swept:
             log.info("expired {counts}", counts=swept)
+        before = retention.retention(now)
+        purged: dict[str, int] = {}
+        while before:
+            deleted: Mapping[str, int] = await store.purge(before, PURGE_BATCH)
+            for kind, n in deleted.items():
+                purged[kind] = purged.get(kind, 0) + n
+            # A kind is done when a transaction found fewer than it could take.
+            before = {
+                kind: when
+                for kind, when in before.items()
+                if deleted.get(kind, 0) >= PURGE_BATCH and purged[kind] < PURGE_RUN_MAX
+            }
+        gone = {kind: n for kind, n in purged.items() if n}
+        if gone:
+            log.info("deleted past their retention: {counts}", counts=gone)
 
     return expire
 
@@ -370,7 +393,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     jobs = OrderedMultiService()
     jobs.setName("jobs")
     PeriodicJob(
-        "expiry", config.jobs.expiry_interval, _expiry(store, reactor), reactor
+        "expiry", config.jobs.expiry_interval, _expiry(store, reactor, config.store), reactor
     ).setServiceParent(jobs)
     PeriodicJob(
         "housekeeping",

@@ -1126,6 +1126,47 @@ class TestModuleStoreContract:
     # -- housekeeping --------------------------------------------------------------
 
     @pytest_twisted.ensureDeferred
+    async def test_purge_deletes_old_records_oldest_first_in_bounded_steps(
+        self, store: Any
+    ) -> None:
+        await provision(store, "m1", apps=("ops",))
+        await open_session(store, "m1", b"s")
+        for ctr in range(1, 6):  # reports received at NOW + 1 ... NOW + 5
+            report = Report("m1", NOW + ctr, b"%d" % ctr)
+            await store.accept_data(
+                data(b"s", ctr, now=NOW + ctr, effects=PayloadEffects(report=report))
+            )
+        await store.record_security_events(
+            [SecurityEvent(NOW + n, "audit", f"r{n}", "operator") for n in (3, 1, 2)]
+        )
+        done = await store.enqueue(new_instruction("m1", idempotency_key="k"), NOW)
+        await store.cancel_instruction("m1", done.iid, NOW + 1)
+        late = await store.enqueue(new_instruction("m1"), NOW)
+        await store.cancel_instruction("m1", late.iid, NOW + 9)
+        waiting = await store.enqueue(new_instruction("m1"), NOW - 100)  # pending: stays
+        events_before = await store.events_after("ops", 0, 1000)
+
+        first = await store.purge(
+            {"reports": NOW + 4, "security_events": NOW + 3, "instructions": NOW + 5}, limit=2
+        )
+        assert first == {"reports": 2, "security_events": 2, "instructions": 1}
+        assert [r.data for r in await store.list_reports("m1")] == [b"5", b"4", b"3"]
+        assert [e.reason for e in await store.list_security_events()] == ["r3"]
+        assert await store.get_instruction("m1", done.iid) is None
+        assert (await store.get_instruction("m1", late.iid)).state is InstructionState.CANCELLED
+        assert (await store.get_instruction("m1", waiting.iid)).state is InstructionState.QUEUED
+        second = await store.purge({"reports": NOW + 4}, limit=2)
+        assert second == {"reports": 1}
+        assert [r.data for r in await store.list_reports("m1")] == [b"5", b"4"]
+        assert await store.purge({}, limit=2) == {}
+        # Nothing else changed: no event, iids not reused, the idempotency key free again.
+        assert await store.events_after("ops", 0, 1000) == events_before
+        again = await store.enqueue(new_instruction("m1", idempotency_key="k"), NOW + 10)
+        assert again.iid > waiting.iid
+        with pytest.raises(ValueError):
+            await store.purge({"sessions": NOW})
+
+    @pytest_twisted.ensureDeferred
     async def test_expire(self, store: Any) -> None:
         await provision(store, "m1", "m2", "m3", apps=("ops",))
         await store.accept_hello(

@@ -18,10 +18,13 @@ from twisted.logger import capturedLogs
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
-from m2mgw.config import load_config
+from m2mgw import tap
+from m2mgw.config import StoreConfig, load_config
 from m2mgw.datadir import DataDir
 from m2mgw.protocol.engine import ModuleController
+from m2mgw.records import SecurityEvent
 from m2mgw.service import StartupFailed, find_service
+from m2mgw.store.memory import MemoryStore
 from m2mgw.tap import Options, _expiry, _stop_reactor, makeService
 from tests.doubles import (
     LifecycleStore,
@@ -31,6 +34,7 @@ from tests.doubles import (
     tls_exchange,
     udp_exchange,
 )
+from tests.engine_helpers import result_of
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +255,8 @@ def test_expiry_job_sweeps_at_the_clock_time_and_logs_only_what_it_swept() -> No
     clock.advance(1_700_000_123.9)
     store = LifecycleStore()
     store.expire_results = [{"sessions": 0, "aliases": 0}, {"sessions": 2, "aliases": 0}]
-    expire = _expiry(store, clock)  # type: ignore[arg-type]
+    keep_all = StoreConfig(keep_reports=0, keep_security_events=0, keep_instructions=0)
+    expire = _expiry(store, clock, keep_all)  # type: ignore[arg-type]
     with capturedLogs() as events:
         assert fired(maybeDeferred(expire))
         clock.advance(60)
@@ -261,6 +266,30 @@ def test_expiry_job_sweeps_at_the_clock_time_and_logs_only_what_it_swept() -> No
         "expire 1700000183",
     ]
     assert [e["counts"] for e in events if "counts" in e] == [{"sessions": 2}]
+
+
+def test_expiry_job_deletes_what_is_past_retention_in_bounded_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = 1_700_000_000
+    clock = Clock()
+    clock.advance(now)
+    store = MemoryStore()
+    old = [SecurityEvent(now - 400 + n, "audit", f"old-{n}", "operator") for n in range(25)]
+    recent = [SecurityEvent(now - 10, "audit", "recent", "operator")]
+    fired(store.record_security_events(old + recent))
+    monkeypatch.setattr(tap, "PURGE_BATCH", 10)
+    calls: list[dict[str, int]] = []
+    purge = store.purge
+    monkeypatch.setattr(
+        store, "purge", lambda before, limit: calls.append(before) or purge(before, limit)
+    )
+    retention = StoreConfig(keep_reports=0, keep_security_events=100, keep_instructions=0)
+    with capturedLogs() as events:
+        assert fired(maybeDeferred(_expiry(store, clock, retention)))
+    assert [e.reason for e in result_of(store.list_security_events())] == ["recent"]
+    assert calls == [{"security_events": now - 100}] * 3  # 10, 10, then 5: done
+    assert [e["counts"] for e in events if "counts" in e] == [{"security_events": 25}]
 
 
 def test_a_failed_start_stops_the_reactor_even_before_it_runs() -> None:

@@ -297,3 +297,7 @@ class TransactionalStore(abc.ABC):
 
     def expire(self, now: int) -> Deferred[dict[str, int]]:
         return self._write(lambda tables: operations.expire(tables, now))
+
+    def purge(self, before: Mapping[str, int], limit: int = 10_000) -> Deferred[dict[str, int]]:
+        wanted = dict(before)
+        return self._commit(lambda tables: operations.purge(tables, wanted, limit))

@@ -439,6 +439,43 @@ class MemoryTables(Tables):
         )
         return [stored[n] for n in order[:limit]]
 
+    # -- retention ---------------------------------------------------------------------
+
+    def delete_reports_before(self, before: int, limit: int) -> int:
+        old = sorted(
+            (serial, module_id)
+            for module_id, reports in self._data.reports.items()
+            for serial, report in reports.items()
+            if report.received_at < before
+        )[:limit]
+        for serial, module_id in old:
+            self._delete(self._data.reports[module_id], serial)
+        return len(old)
+
+    def delete_security_events_before(self, before: int, limit: int) -> int:
+        stored = self._data.security_events
+        old = sorted(n for n in stored if stored[n].at < before)[:limit]
+        for serial in old:
+            self._delete(stored, serial)
+        return len(old)
+
+    def delete_finished_instructions_before(self, before: int, limit: int) -> int:
+        old = sorted(
+            (instruction.updated_at, module_id, iid)
+            for module_id, instructions in self._data.instructions.items()
+            for iid, instruction in instructions.items()
+            if instruction.state.final and instruction.updated_at < before
+        )[:limit]
+        for _, module_id, iid in old:
+            instruction = self._data.instructions[module_id][iid]
+            if instruction.idempotency_key is not None:
+                self._delete(
+                    self._data.idempotency,
+                    (module_id, instruction.source, instruction.idempotency_key),
+                )
+            self._delete(self._data.instructions[module_id], iid)
+        return len(old)
+
 
 @implementer(IModuleStore)
 class MemoryStore(TransactionalStore):

@@ -551,6 +551,22 @@ def ack_events(tables: Tables, app: str, seq: int) -> None:
 # -- housekeeping ------------------------------------------------------------------
 
 
+def purge(tables: Tables, before: Mapping[str, int], limit: int) -> dict[str, int]:
+    """
+    Delete, per kind named in ``before`` (``"reports"``, ``"security_events"``,
+    ``"instructions"``), up to ``limit`` records older than its time.
+    """
+    deleters = {
+        "reports": tables.delete_reports_before,
+        "security_events": tables.delete_security_events_before,
+        "instructions": tables.delete_finished_instructions_before,
+    }
+    unknown = set(before) - set(deleters)
+    if unknown:
+        raise ValueError(f"cannot purge {sorted(unknown)}")
+    return {kind: deleters[kind](when, limit) for kind, when in before.items()}
+
+
 def expire(tables: Tables, now: int) -> dict[str, int]:
     """Remove what expired by ``now`` and mark expired instructions and keys (with events)."""
     writer = _EventWriter(tables, now)

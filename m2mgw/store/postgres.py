@@ -1253,6 +1253,47 @@ class PostgresTables(Tables):
         )
         return [SecurityEvent(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
 
+    # -- retention -----------------------------------------------------------------
+
+    def delete_reports_before(self, before: int, limit: int) -> int:
+        # Reports arrive in report_id order, so the old ones are at the front.
+        return self._run(
+            """
+            DELETE FROM reports WHERE report_id IN (
+                SELECT report_id FROM reports WHERE received_at < %s
+                ORDER BY report_id LIMIT %s
+            )
+            """,
+            (before, limit),
+        )
+
+    def delete_security_events_before(self, before: int, limit: int) -> int:
+        return self._run(
+            """
+            DELETE FROM security_events WHERE event_id IN (
+                SELECT event_id FROM security_events WHERE at < %s
+                ORDER BY at, event_id LIMIT %s
+            )
+            """,
+            (before, limit),
+        )
+
+    def delete_finished_instructions_before(self, before: int, limit: int) -> int:
+        # Locks the rows it deletes; a module's live (pending) instructions,
+        # which the per-datagram path locks, are never among them.
+        return self._run(
+            """
+            DELETE FROM instructions WHERE (module_id, iid) IN (
+                SELECT module_id, iid FROM instructions
+                WHERE state IN ('confirmed', 'failed', 'expired', 'cancelled')
+                    AND updated_at < %s
+                ORDER BY updated_at LIMIT %s
+                FOR UPDATE SKIP LOCKED
+            )
+            """,
+            (before, limit),
+        )
+
 
 # -- the database thread -----------------------------------------------------------
 

@@ -733,6 +733,42 @@ class SQLiteTables(Tables):
         )
         return [SecurityEvent(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows]
 
+    # -- retention -----------------------------------------------------------------
+
+    def delete_reports_before(self, before: int, limit: int) -> int:
+        # Reports arrive in report_id order, so the old ones are at the front.
+        return self._run(
+            """
+            DELETE FROM reports WHERE report_id IN (
+                SELECT report_id FROM reports WHERE received_at < ? ORDER BY report_id LIMIT ?
+            )
+            """,
+            (before, limit),
+        )
+
+    def delete_security_events_before(self, before: int, limit: int) -> int:
+        return self._run(
+            """
+            DELETE FROM security_events WHERE event_id IN (
+                SELECT event_id FROM security_events WHERE at < ? ORDER BY at, event_id LIMIT ?
+            )
+            """,
+            (before, limit),
+        )
+
+    def delete_finished_instructions_before(self, before: int, limit: int) -> int:
+        return self._run(
+            """
+            DELETE FROM instructions WHERE rowid IN (
+                SELECT rowid FROM instructions
+                WHERE state IN ('confirmed', 'failed', 'expired', 'cancelled')
+                    AND updated_at < ?
+                ORDER BY updated_at LIMIT ?
+            )
+            """,
+            (before, limit),
+        )
+
 
 # -- the database thread -----------------------------------------------------------
 

@@ -311,3 +311,21 @@ class Tables(abc.ABC):
     @abc.abstractmethod
     def list_security_events(self, since: int, limit: int) -> list[SecurityEvent]:
         """Security events with ``at >= since``, oldest (then first inserted) first."""
+
+    # -- retention ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def delete_reports_before(self, before: int, limit: int) -> int:
+        """Delete up to ``limit`` reports received before ``before``, oldest first; how many."""
+
+    @abc.abstractmethod
+    def delete_security_events_before(self, before: int, limit: int) -> int:
+        """Delete up to ``limit`` security events from before ``before``, oldest first."""
+
+    @abc.abstractmethod
+    def delete_finished_instructions_before(self, before: int, limit: int) -> int:
+        """
+        Delete up to ``limit`` instructions in a final state (confirmed,
+        failed, expired, cancelled) last changed before ``before``.  Their
+        ``iid``s are never given out again.
+        """
