@@ -591,3 +591,136 @@ async def test_a_disabled_module_is_refused_on_every_node(
         [a.accept_data(data(b"s1", 1)), a.accept_hello(HelloCommit(session("m1", b"s2"), 2, NOW))]
     )
     assert [value for _, value in results] == [None, None]
+
+
+async def stream_scenario(
+    store: PostgresStore, modules: int, boom: int | None = None
+) -> tuple[list[Any], int, int]:
+    """
+    Queue, behind a held batch, one DATA (with a report) of each of
+    ``modules`` modules, so that several consecutive batches (of the store's
+    ``batch_max``) are queued at once; with ``boom``, that module's report
+    breaks a deferred constraint: its batch's ``COMMIT`` fails.  Return the
+    outcomes (result or the error's type), and the round trips and
+    transactions the batches cost.
+    """
+    names = [f"m{i:02d}" for i in range(modules)]
+    await store.add_modules([Module(m, psk=bytes(16)) for m in names], apps={})
+    for i, m in enumerate(names):
+        await store.accept_hello(HelloCommit(session(m, b"s%02d" % i), 1, NOW))
+    await store.run(
+        lambda t: t.query(
+            """
+            CREATE FUNCTION no_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.data = '\\x626f6f6d' THEN RAISE EXCEPTION 'boom'; END IF;
+                RETURN NULL;
+            END $$;
+            CREATE CONSTRAINT TRIGGER no_boom AFTER INSERT ON reports
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no_boom()
+            """
+        )
+    )
+    blocker, release = await held(store)
+    before = (store.round_trips, store.transactions)
+    calls: list[Deferred[Any]] = [
+        store.accept_data(
+            data(
+                b"s%02d" % i,
+                1,
+                effects=PayloadEffects(report=Report(m, NOW + 1, b"boom" if i == boom else b"r")),
+            )
+        )
+        for i, m in enumerate(names)
+    ]
+    release.set()
+    await blocker
+    outcomes = [
+        value if ok else type(value.value).__name__
+        for ok, value in await DeferredList(calls, consumeErrors=True)
+    ]
+    return (
+        outcomes,
+        store.round_trips - before[0],
+        store.transactions - before[1] - 1,  # the held batch
+    )
+
+
+@pytest.mark.parametrize("piggyback", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_steady_stream_of_batches_costs_one_round_trip_each(
+    postgres_dsn: str, piggyback: bool
+) -> None:
+    store = PostgresStore(postgres_dsn, global_reactor, batch_max=10, piggyback=piggyback)
+    await store.open()
+    try:
+        outcomes, round_trips, transactions = await stream_scenario(store, 50)
+        reports = await store.list_reports("m49", 10)
+    finally:
+        await store.close()
+    assert all(isinstance(o, ExchangeResult) for o in outcomes)
+    assert transactions == 5
+    assert [r.data for r in reports] == [b"r"]
+    assert store.fallbacks == 0
+    if piggyback:
+        # The held batch's COMMIT, the first BEGIN and read-ahead, then one
+        # each: batch N's COMMIT with batch N+1's BEGIN and read-ahead.
+        assert round_trips <= 1 + 1 + transactions
+    else:  # read ahead, commit
+        assert round_trips == 1 + 2 * transactions
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_failing_in_a_piggybacked_sync_fails_its_batch_only(
+    postgres_dsn: str,
+) -> None:
+    store = make_store(postgres_dsn, batch_max="10")
+    await store.open()
+    try:
+        outcomes, _, _ = await stream_scenario(store, 50, boom=15)
+        sessions = [await store.get_session(b"s%02d" % i) for i in range(50)]
+        reports = [await store.list_reports(f"m{i:02d}", 10) for i in range(50)]
+        fallbacks = store.fallbacks
+    finally:
+        await store.close()
+    # The second batch (m10..m19) did not commit, run the plain way either:
+    # nothing of it succeeded.  The third one's read-ahead, aborted with
+    # it, was done again: it and the others committed.
+    failed = set(range(10, 20))
+    assert [o == "StoreError" for o in outcomes] == [i in failed for i in range(50)]
+    assert all(isinstance(outcomes[i], ExchangeResult) for i in set(range(50)) - failed)
+    assert fallbacks == 1
+    for i in range(50):
+        stored = sessions[i]
+        assert stored is not None
+        assert stored.highest_ctr == (0 if i in failed else 1)
+        assert [r.data for r in reports[i]] == ([] if i in failed else [b"r"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_ahead_failing_in_a_piggybacked_sync_is_done_again(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(postgres_dsn, batch_max="10")
+    await store.open()
+    send_prefetch = PostgresTables.send_prefetch
+    calls = []
+
+    def failing_once(self: PostgresTables, hints: Any) -> Any:
+        calls.append(len(hints))
+        sent = send_prefetch(self, hints)
+        if calls.count(10) == 2 and len(hints) == 10:  # sent with the first batch's COMMIT
+            self.send("SELECT 1 / 0")
+        return sent
+
+    try:
+        monkeypatch.setattr(PostgresTables, "send_prefetch", failing_once)
+        outcomes, _, transactions = await stream_scenario(store, 30)
+        sessions = [await store.get_session(b"s%02d" % i) for i in range(30)]
+    finally:
+        await store.close()
+    assert all(isinstance(o, ExchangeResult) for o in outcomes)
+    assert transactions == 3
+    assert all(s is not None and s.highest_ctr == 1 for s in sessions)
+    assert store.fallbacks == 0
+    assert calls.count(10) == 4  # the second batch's read-ahead was sent twice

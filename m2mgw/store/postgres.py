@@ -24,7 +24,11 @@ one round trip locks, in the same order, and reads ahead the rows its DATA
 will read (:class:`Prefetch`), the operations run on them sending their
 writes without waiting, and ``COMMIT`` is the second round trip.  It has no
 savepoints: if anything in it fails, it is rolled back and run again the way
-above (:meth:`DatabaseThread._attempt_pipelined`).
+above (:meth:`DatabaseThread._attempt_pipelined`).  While batches keep
+coming, a batch's ``COMMIT`` is sent with the next one's ``BEGIN`` and
+read-ahead: one round trip per batch (:meth:`DatabaseThread._run_stream`).
+Its writes are sent as one statement per table
+(:meth:`PostgresTables.flush_writes`).
 
 A transaction that appended events also sends ``NOTIFY m2mgw_events`` (the
 applications, as JSON); a listening connection of every store with event
@@ -361,6 +365,8 @@ class _Prefetched:
         self.sessions: dict[bytes, Session | None] = {}
         #: ``(module_id, tok)``: ``(outcome, slot)``, or ``None`` if not remembered.
         self.tokens: dict[tuple[str, bytes], tuple[bytes, int] | None] = {}
+        #: ``(module_id, slot)``: the ``tok`` held in :attr:`tokens` with that slot.
+        self.slots: dict[tuple[str, int], bytes] = {}
         #: The first pending instructions of a module, ``iid`` ascending, and
         #: whether they are all of them.
         self.pending: dict[str, tuple[list[Instruction], bool]] = {}
@@ -384,19 +390,34 @@ class _Prefetched:
         if session is not None:
             self.sessions[sid] = replace(session, highest_ctr=highest, window=bits)
 
-    def remember_token(self, module_id: str, tok: bytes, outcome: bytes, keep: int) -> None:
-        """``tok`` took the module's next slot, forgetting the one that held it."""
+    def found_token(self, module_id: str, tok: bytes, found: tuple[bytes, int] | None) -> None:
+        """Hold what the database has for ``tok``: ``(outcome, slot)`` or ``None``."""
+        self.tokens[module_id, tok] = found
+        if found is not None:
+            self.slots[module_id, found[1]] = tok
+
+    def remember_token(self, module_id: str, tok: bytes, outcome: bytes, keep: int) -> int | None:
+        """
+        ``tok`` took the module's next slot, forgetting the one that held it.
+
+        :return: the slot, or ``None`` if the module's token count is not held.
+        """
         seen = self.tokens_seen.get(module_id)
         if seen is None:
             for key in [key for key in self.tokens if key[0] == module_id]:
                 del self.tokens[key]
-            return
+            for slot_key in [slot_key for slot_key in self.slots if slot_key[0] == module_id]:
+                del self.slots[slot_key]
+            return None
         slot = seen % keep
         self.tokens_seen[module_id] = seen + 1
-        for key, found in self.tokens.items():
-            if key[0] == module_id and found is not None and found[1] == slot:
-                self.tokens[key] = None  # overwritten
-        self.tokens[module_id, tok] = (outcome, slot)
+        old = self.slots.get((module_id, slot))
+        if old is not None:
+            held = self.tokens.get((module_id, old))
+            if held is not None and held[1] == slot:
+                self.tokens[module_id, old] = None  # overwritten
+        self.found_token(module_id, tok, (outcome, slot))
+        return slot
 
     def update_instruction(self, instruction: Instruction) -> None:
         """An instruction's new fields were written."""
@@ -438,47 +459,88 @@ _PREFETCH_MODULES = """
     SELECT module_id, status, psk, psk_reusable, module_group, last_hello_ts, created_at,
         tokens_seen
     FROM modules
-    WHERE module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
-        UNION SELECT unnest(%(modules)s::TEXT[]))
+    WHERE module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)b)
+        UNION SELECT unnest(%(modules)b::TEXT[]))
     ORDER BY module_id FOR UPDATE"""
 _PREFETCH_SESSIONS = """
     SELECT s.sid, s.module_id, s.kid, s.suite, s.skid, s.k_up, s.k_down, s.created_at,
         s.expires_at, s.highest_ctr, s."window"
-    FROM sessions AS s WHERE s.sid = ANY(%(sids)s) ORDER BY s.sid FOR UPDATE"""
+    FROM sessions AS s WHERE s.sid = ANY(%(sids)b) ORDER BY s.sid FOR UPDATE"""
 _PREFETCH_TOKENS = """
     SELECT t.module_id, t.tok, t.outcome, t.slot
-    FROM unnest(%(token_sids)s::BYTEA[], %(toks)s::BYTEA[]) AS q (sid, tok)
+    FROM unnest(%(token_sids)b::BYTEA[], %(toks)b::BYTEA[]) AS q (sid, tok)
     JOIN sessions AS s ON s.sid = q.sid
     JOIN data_tokens AS t ON t.module_id = s.module_id AND t.tok = q.tok"""
 _PREFETCH_PENDING = """
     SELECT m.module_id, p.*
-    FROM (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
-        UNION SELECT unnest(%(modules)s::TEXT[])) AS m
+    FROM (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)b)
+        UNION SELECT unnest(%(modules)b::TEXT[])) AS m
     LEFT JOIN LATERAL (
         SELECT i.module_id, i.iid, i.kind, i.body, i.wire_size, i.state, i.not_after,
             i.attempts, i.source, i.idempotency_key, i.created_at, i.updated_at, i.exec_ts,
             i.status, i.result
         FROM instructions AS i
         WHERE i.module_id = m.module_id AND i.state IN ('queued', 'waiting', 'sent')
-        ORDER BY i.iid LIMIT %(pending)s FOR UPDATE) AS p ON true"""
+        ORDER BY i.iid LIMIT %(pending)b FOR UPDATE) AS p ON true"""
 _PREFETCH_APPS = """
     SELECT m.module_id, a.app
-    FROM (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
-        UNION SELECT unnest(%(modules)s::TEXT[])) AS m
+    FROM (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)b)
+        UNION SELECT unnest(%(modules)b::TEXT[])) AS m
     LEFT JOIN module_apps AS a ON a.module_id = m.module_id
     ORDER BY m.module_id, a.app"""
 _PREFETCH_OUTBOX = """
     SELECT app, last_seq FROM app_outbox
     WHERE app IN (
         SELECT a.app FROM module_apps AS a
-        WHERE a.module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(event_sids)s)
-                UNION SELECT unnest(%(event_modules)s::TEXT[]))
-            OR (a.module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)s)
-                    UNION SELECT unnest(%(modules)s::TEXT[]))
+        WHERE a.module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(event_sids)b)
+                UNION SELECT unnest(%(event_modules)b::TEXT[]))
+            OR (a.module_id IN (SELECT module_id FROM sessions WHERE sid = ANY(%(sids)b)
+                    UNION SELECT unnest(%(modules)b::TEXT[]))
                 AND EXISTS (SELECT 1 FROM instructions AS i
                     WHERE i.module_id = a.module_id AND i.state IN ('queued', 'waiting')))
-        UNION SELECT unnest(%(apps)s::TEXT[]))
+        UNION SELECT unnest(%(apps)b::TEXT[]))
     ORDER BY app FOR UPDATE"""
+
+
+#: The writes :meth:`PostgresTables.flush_writes` sends, each for many rows.
+_WRITE_WINDOWS = """
+    UPDATE sessions AS s SET highest_ctr = v.highest, "window" = v.bits
+    FROM unnest(%b::BYTEA[], %b::BIGINT[], %b::BYTEA[]) AS v (sid, highest, bits)
+    WHERE s.sid = v.sid"""
+_WRITE_TOKENS_SEEN = """
+    UPDATE modules AS m SET tokens_seen = v.seen
+    FROM unnest(%b::TEXT[], %b::BIGINT[]) AS v (module_id, seen)
+    WHERE m.module_id = v.module_id"""
+_WRITE_TOKENS = """
+    INSERT INTO data_tokens (module_id, slot, tok, outcome)
+    SELECT * FROM unnest(%b::TEXT[], %b::BIGINT[], %b::BYTEA[], %b::BYTEA[])
+    ON CONFLICT (module_id, slot) DO UPDATE SET tok = excluded.tok, outcome = excluded.outcome"""
+_WRITE_REPORTS = """
+    INSERT INTO reports (module_id, received_at, module_ts, data)
+    SELECT module_id, received_at, module_ts, data
+    FROM unnest(%b::TEXT[], %b::BIGINT[], %b::BIGINT[], %b::BYTEA[]) WITH ORDINALITY
+        AS v (module_id, received_at, module_ts, data, n)
+    ORDER BY n"""
+_WRITE_EVENTS = """
+    INSERT INTO events (app, seq, kind, module_id, payload, created_at)
+    SELECT * FROM unnest(%b::TEXT[], %b::BIGINT[], %b::TEXT[], %b::TEXT[], %b::TEXT[],
+        %b::BIGINT[])"""
+
+
+@dataclass
+class _Readahead:
+    """The read-ahead statements :meth:`PostgresTables.send_prefetch` sent (their cursors)."""
+
+    sids: list[bytes]
+    pairs: list[tuple[bytes, bytes]]
+    modules: Any
+    sessions: Any
+    tokens: Any
+    pending: Any
+    module_apps: Any
+    outbox: Any
+    #: A sync ran them (their rows arrived).
+    synced: bool = False
 
 
 class PostgresTables(Tables):
@@ -502,6 +564,14 @@ class PostgresTables(Tables):
         #: rows the transaction locked and read ahead.
         self._pipeline: psycopg.Pipeline | None = None
         self._cache: _Prefetched | None = None
+        #: In pipeline mode, writes held back to be sent as a few statements
+        #: (see :meth:`flush_writes`): replay windows by session, modules'
+        #: token counts, token slots, reports and events, in order.
+        self._windows: dict[bytes, tuple[int, bytes]] = {}
+        self._seen: dict[str, int] = {}
+        self._slots: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        self._reports: list[tuple[Any, ...]] = []
+        self._events: list[tuple[Any, ...]] = []
 
     @contextlib.contextmanager
     def pipelined(self) -> Iterator[None]:
@@ -520,7 +590,40 @@ class PostgresTables(Tables):
             finally:
                 self._pipeline = None
                 self._cache = None
+                self._drop_writes()
                 self.round_trips += 1  # leaving the pipeline syncs
+
+    def flush_writes(self) -> None:
+        """
+        In pipeline mode, send the writes held back, one statement per
+        table: they only change rows this transaction locked (or insert),
+        and nothing was sent between them, so the outcome is that of
+        sending them one by one.
+        """
+        db = self._db
+        if self._windows:
+            windows, self._windows = self._windows, {}
+            db.execute(
+                _WRITE_WINDOWS, (list(windows), *map(list, zip(*windows.values(), strict=True)))
+            )
+        if self._seen:
+            seen, self._seen = self._seen, {}
+            db.execute(_WRITE_TOKENS_SEEN, (list(seen), list(seen.values())))
+        if self._slots:
+            slots, self._slots = self._slots, {}
+            modules, numbers = zip(*slots, strict=True)
+            toks, outcomes = zip(*slots.values(), strict=True)
+            db.execute(_WRITE_TOKENS, (list(modules), list(numbers), list(toks), list(outcomes)))
+        if self._reports:
+            reports, self._reports = self._reports, []
+            db.execute(_WRITE_REPORTS, list(map(list, zip(*reports, strict=True))))
+        if self._events:
+            events, self._events = self._events, []
+            db.execute(_WRITE_EVENTS, list(map(list, zip(*events, strict=True))))
+
+    def _drop_writes(self) -> None:
+        self._windows, self._seen, self._slots = {}, {}, {}
+        self._reports, self._events = [], []
 
     def prefetch(self, hints: Sequence[Prefetch]) -> None:
         """
@@ -532,7 +635,14 @@ class PostgresTables(Tables):
         likely append events, their outbox rows (by name).  Rows whose
         module was not locked (the session changed meanwhile) are not kept.
         """
-        assert self._pipeline is not None and self._cache is not None
+        self.take_prefetch(self.send_prefetch(hints))
+
+    def send_prefetch(self, hints: Sequence[Prefetch]) -> _Readahead:
+        """
+        The first half of :meth:`prefetch`: send the statements, without
+        waiting; :meth:`take_prefetch` takes their rows after a sync.
+        """
+        assert self._pipeline is not None
         sids = sorted({hint.sid for hint in hints})
         pairs = sorted({(hint.sid, hint.tok) for hint in hints if hint.tok})
         parameters = {
@@ -554,8 +664,19 @@ class PostgresTables(Tables):
         pending = db.execute(_PREFETCH_PENDING, parameters)
         module_apps = db.execute(_PREFETCH_APPS, parameters)
         outbox = db.execute(_PREFETCH_OUTBOX, parameters)
-        self.sync()
-        cache = self._cache
+        return _Readahead(sids, pairs, modules, sessions, tokens, pending, module_apps, outbox)
+
+    def take_prefetch(self, sent: _Readahead) -> None:
+        """
+        The second half of :meth:`prefetch`, after the sync that ran what
+        :meth:`send_prefetch` sent: hold the rows (replacing what was held).
+        """
+        if not sent.synced:
+            self.sync()
+        sids, pairs = sent.sids, sent.pairs
+        modules, sessions, tokens = sent.modules, sent.sessions, sent.tokens
+        pending, module_apps, outbox = sent.pending, sent.module_apps, sent.outbox
+        self._cache = cache = _Prefetched()
         for row in modules.fetchall():
             cache.modules[row[0]] = _module(row[:7])
             cache.tokens_seen[row[0]] = int(row[7])
@@ -573,7 +694,7 @@ class PostgresTables(Tables):
             session = found.get(sid)
             if session is not None:
                 key = (session.module_id, tok)
-                cache.tokens[key] = remembered.get(key)
+                cache.found_token(session.module_id, tok, remembered.get(key))
         for row in pending.fetchall():
             if row[0] not in cache.modules:
                 continue
@@ -610,6 +731,7 @@ class PostgresTables(Tables):
     def send(self, sql: str, parameters: Sequence[Any] = ()) -> None:
         """A statement whose result is not needed: in pipeline mode, not waited for."""
         if self._pipeline is not None:
+            self.flush_writes()
             self._db.execute(sql, parameters)
         else:
             self._cursor(sql, parameters)
@@ -627,6 +749,7 @@ class PostgresTables(Tables):
 
     def _cursor(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any]) -> Any:
         if self._pipeline is not None:
+            self.flush_writes()
             cursor = self._db.execute(sql, parameters)
             self.sync()
             return cursor
@@ -644,6 +767,7 @@ class PostgresTables(Tables):
 
     def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows and self._pipeline is not None:
+            self.flush_writes()
             for row in rows:
                 self._db.execute(sql, row)
         elif rows:
@@ -903,6 +1027,9 @@ class PostgresTables(Tables):
     def set_session_window(self, sid: bytes, highest: int, bits: int) -> None:
         if self._cache is not None:
             self._cache.set_window(sid, highest, bits)
+        if self._pipeline is not None:
+            self._windows[sid] = (highest, logic.window_to_bytes(bits))
+            return
         self.send(
             'UPDATE sessions SET highest_ctr = %s, "window" = %s WHERE sid = %s',
             (highest, logic.window_to_bytes(bits), sid),
@@ -950,7 +1077,13 @@ class PostgresTables(Tables):
 
     def remember_token(self, module_id: str, tok: bytes, outcome: bytes, keep: int) -> None:
         if self._cache is not None:
-            self._cache.remember_token(module_id, tok, outcome, keep)
+            slot = self._cache.remember_token(module_id, tok, outcome, keep)
+            if slot is not None and self._pipeline is not None:
+                # The module's row is locked and its count held: write the
+                # count and the slot with the batch's others.
+                self._seen[module_id] = self._cache.tokens_seen[module_id]
+                self._slots[module_id, slot] = (tok, outcome)
+                return
         self.send(
             """
             WITH seen AS (
@@ -1162,6 +1295,11 @@ class PostgresTables(Tables):
         return int(row[0])
 
     def insert_event(self, event: Event, payload_text: str) -> None:
+        if self._pipeline is not None:
+            self._events.append(
+                (event.app, event.seq, event.kind, event.module_id, payload_text, event.created_at)
+            )
+            return
         self.send(
             """
             INSERT INTO events (app, seq, kind, module_id, payload, created_at)
@@ -1216,6 +1354,11 @@ class PostgresTables(Tables):
     # -- reports and security events -----------------------------------------------
 
     def insert_report(self, report: Report) -> None:
+        if self._pipeline is not None:
+            self._reports.append(
+                (report.module_id, report.received_at, report.module_ts, report.data)
+            )
+            return
         self.send(
             """
             INSERT INTO reports (module_id, received_at, module_ts, data)
@@ -1355,9 +1498,11 @@ class DatabaseThread:
         retries: int,
         token: str,
         pipeline: bool = True,
+        piggyback: bool = True,
     ) -> None:
         self._connect = connect
         self._pipeline = pipeline
+        self._piggyback = pipeline and piggyback
         self._reactor = reactor
         self._batch_max = batch_max
         self._retries = retries
@@ -1415,9 +1560,15 @@ class DatabaseThread:
             return
         self._reactor.callFromThread(self._ready.callback, None)
         stopping = False
-        while not stopping:
-            batch, stopping = self._next_batch()
-            if batch:
+        ahead: list[_Item] | None = None
+        while ahead is not None or not stopping:
+            if ahead is None:
+                batch, stopping = self._next_batch()
+            else:
+                batch, ahead = ahead, None
+            if batch and self._piggyback and self._pipelinable(batch):
+                ahead, stopping = self._run_stream(batch, stopping)
+            elif batch:
                 outcomes = self._run_batch(batch)
                 self._reactor.callFromThread(_deliver, outcomes)
         if self._connection is not None:
@@ -1446,8 +1597,11 @@ class DatabaseThread:
                 return
             self._reactor.callFromThread(item.done.errback, failure)
 
-    def _next_batch(self) -> tuple[list[_Item], bool]:
-        item = self._queue.get()
+    def _next_batch(self, block: bool = True) -> tuple[list[_Item], bool]:
+        try:
+            item = self._queue.get(block)
+        except queue.Empty:
+            return [], False
         if item is _STOP:
             return [], True
         batch = [item]
@@ -1467,13 +1621,20 @@ class DatabaseThread:
         self._round_trips += 1
         self._connection.execute(statement.encode("utf-8"), prepare=False)
 
-    def _run_batch(self, batch: list[_Item]) -> list[_Outcome]:
+    def _pipelinable(self, batch: list[_Item]) -> bool:
+        return self._pipeline and any(item.prefetch for item in batch)
+
+    def _run_batch(self, batch: list[_Item], in_pipeline: bool = True) -> list[_Outcome]:
+        """
+        Run ``batch`` (in pipeline mode if it holds DATA and ``in_pipeline``),
+        retrying after conflicts; the outcome of each piece.
+        """
         try:
             if self._connection is None or self._connection.closed:
                 self._open()
             for _ in range(self._retries + 1):
                 try:
-                    if self._pipeline and any(item.prefetch for item in batch):
+                    if in_pipeline and self._pipelinable(batch):
                         pipelined = self._attempt_pipelined(batch)
                         if pipelined is not None:
                             return pipelined
@@ -1568,6 +1729,7 @@ class DatabaseThread:
                     tables.apps_appended = set()
                     outcomes.append((item.done, True, item.work(tables)))
                     appended |= tables.apps_appended
+                tables.flush_writes()
                 tables.write_outbox()
                 for statement in self._notifications(appended):
                     connection.execute(statement.encode("utf-8"), prepare=False)
@@ -1583,6 +1745,105 @@ class DatabaseThread:
         self.transactions += 1
         self.operations += len(batch)
         return outcomes
+
+    def _run_stream(self, batch: list[_Item], stopping: bool) -> tuple[list[_Item] | None, bool]:
+        """
+        Run ``batch`` and the batches queued behind it in pipeline mode, one
+        round trip each: batch N's ``COMMIT`` goes out in the same sync as
+        the ``BEGIN`` and read-ahead of batch N+1 (taken from the queue if
+        already there).  N+1's locks are taken after N committed (one
+        connection, statements run in order).  The outcomes of N are handed
+        over once its ``COMMIT`` is confirmed.
+
+        If a sync fails, the ``COMMIT`` sent in it tells whose failure it
+        was.  A batch that did not commit is rolled back and run again
+        (:meth:`_run_batch`: after a conflict as it would be, else the
+        plain way); a batch whose read-ahead was aborted or failed is
+        returned, to run from the start.
+
+        :param stopping: the queue's end was seen: take no more from it.
+        :return: a batch taken from the queue and not run (or ``None``),
+            and whether the queue's end was seen.
+        """
+        try:
+            if self._connection is None or self._connection.closed:
+                self._open()
+        except Exception:
+            self._reactor.callFromThread(_deliver, self._run_batch(batch))
+            return None, stopping
+        tables, connection = self._tables, self._connection
+        assert tables is not None and connection is not None
+        current: list[_Item] | None = batch
+        following: list[_Item] | None = None
+        outcomes: list[_Outcome] = []
+        commit: Any = None
+        try:
+            with tables.pipelined():
+                sent = self._send_begin(batch)
+                tables.sync()
+                sent.synced = True
+                while current is not None:
+                    tables.take_prefetch(sent)
+                    outcomes = []
+                    appended: set[str] = set()
+                    for item in current:
+                        tables.locking = item.locking
+                        tables.apps_appended = set()
+                        outcomes.append((item.done, True, item.work(tables)))
+                        appended |= tables.apps_appended
+                    tables.flush_writes()
+                    tables.write_outbox()
+                    for statement in self._notifications(appended):
+                        connection.execute(statement.encode("utf-8"), prepare=False)
+                    commit = connection.execute("COMMIT", prepare=False)
+                    if not stopping:
+                        following, stopping = self._next_batch(block=False)
+                    if not following or not self._pipelinable(following):
+                        break  # leaving the pipeline syncs
+                    sent = self._send_begin(following)
+                    tables.sync()
+                    sent.synced = True
+                    self._committed(current, outcomes)
+                    current, following, commit = following, None, None
+            if current is not None:
+                self._committed(current, outcomes)
+            return following or None, stopping
+        except Exception as exc:
+            if current is not None and commit is not None and commit.statusmessage == "COMMIT":
+                # The batch committed: the failure was the next one's read-ahead.
+                self._committed(current, outcomes)
+                current = None
+            if not connection.closed and not connection.broken:
+                with contextlib.suppress(Exception):
+                    self._control("ROLLBACK")
+            if current is not None:
+                if connection.closed or connection.broken:
+                    # Its outcome is unknown: every piece fails (as in _run_batch).
+                    log.failure("database transaction failed", Failure(exc))
+                    failure = Failure(_as_store_error(exc))
+                    redone = [(item.done, False, failure) for item in current]
+                elif _retryable(exc):
+                    self.retries += 1
+                    redone = self._run_batch(current)
+                else:
+                    self.fallbacks += 1
+                    redone = self._run_batch(current, in_pipeline=False)
+                self._reactor.callFromThread(_deliver, redone)
+            return following or None, stopping
+
+    def _send_begin(self, batch: list[_Item]) -> _Readahead:
+        """In pipeline mode, send ``BEGIN`` and the read-ahead of ``batch``, without waiting."""
+        tables, connection = self._tables, self._connection
+        assert tables is not None and connection is not None
+        connection.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+        tables.locking = True
+        return tables.send_prefetch([item.prefetch for item in batch if item.prefetch is not None])
+
+    def _committed(self, batch: list[_Item], outcomes: list[_Outcome]) -> None:
+        """``batch`` committed: count it, hand its outcomes over."""
+        self.transactions += 1
+        self.operations += len(batch)
+        self._reactor.callFromThread(_deliver, outcomes)
 
     def _notify_statements(self, apps: set[str]) -> str:
         """``NOTIFY`` statements naming ``apps`` (delivered at ``COMMIT``), or ``""``."""
@@ -1792,6 +2053,8 @@ class PostgresStore(TransactionalStore):
     :param pipeline: run a batch holding DATA in pipeline mode (see
         :meth:`DatabaseThread._attempt_pipelined`); else every batch the
         plain way, one savepoint and one round trip per statement.
+    :param piggyback: in pipeline mode, send a batch's ``COMMIT`` with the
+        next queued batch's read-ahead (see :meth:`DatabaseThread._run_stream`).
     """
 
     name = "postgres"
@@ -1805,6 +2068,7 @@ class PostgresStore(TransactionalStore):
         connect_timeout: int = DEFAULT_CONNECT_TIMEOUT,
         auto_migrate: bool = True,
         pipeline: bool = True,
+        piggyback: bool = True,
     ) -> None:
         self.dsn = dsn
         self._reactor = reactor
@@ -1820,6 +2084,7 @@ class PostgresStore(TransactionalStore):
             retries,
             self.token,
             pipeline,
+            piggyback,
         )
         #: What the next :meth:`_commit` will read (set around a call of the base class).
         self._prefetch: Prefetch | None = None
